@@ -1,0 +1,69 @@
+"""Backends: run a problem's step eagerly, as a traced FX GraphModule, or through inductor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mlocompile.functional import FunctionalProgram
+from mlocompile.optim import FunctionalOptimizer
+from mlocompile.program import ProgramGraph
+from mlocompile.step import StepFn, StepVariant, build_step
+from mlocompile.trace import TracedStep, flatten_inputs, trace_step
+from passes import PassReport, run_graph_pipeline
+
+
+class StepExecutor:
+    """Builds, caches and runs every problem's step with one backend.
+
+    Traced graphs are cached by variant and input signature (shapes, dtypes,
+    static batch leaves, optimizer structure, init sources), like guards: a new
+    signature traces again; the latest graph per variant is what ``.ir`` shows.
+    """
+
+    def __init__(
+        self,
+        fp: FunctionalProgram,
+        program: ProgramGraph,
+        optimizers: dict[str, FunctionalOptimizer],
+        backend: str,
+    ) -> None:
+        self.fp, self.program, self.optimizers, self.backend = fp, program, optimizers, backend
+        self.init_sources: dict[str, str] = {}
+        self._fns: dict[tuple[StepVariant, tuple[tuple[str, str], ...]], StepFn] = {}
+        self._traced: dict[tuple[Any, ...], TracedStep] = {}
+        self.latest: dict[str, TracedStep] = {}
+        self.report = PassReport()
+
+    def step_fn(self, variant: StepVariant) -> StepFn:
+        """Return the (cached) pure step function of ``variant``."""
+        key = (variant, tuple(sorted(self.init_sources.items())))
+        if key not in self._fns:
+            self._fns[key] = build_step(self.fp, self.program, self.optimizers, dict(self.init_sources), variant)
+        return self._fns[key]
+
+    def run(self, variant: StepVariant, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Run one step of ``variant`` on ``inputs`` with the configured backend."""
+        if self.backend == "eager":
+            return self.step_fn(variant)(inputs)
+        return self.traced(variant, inputs)(flatten_inputs(inputs))
+
+    def traced(self, variant: StepVariant, inputs: dict[str, Any]) -> TracedStep:
+        """Return the compiled step for these inputs, tracing and optimizing it if new."""
+        flat = flatten_inputs(inputs)
+        opt_sig = self.optimizers[variant.problem].signature()
+        key = (variant, tuple(sorted(self.init_sources.items())), opt_sig, flat.key())
+        traced = self._traced.get(key)
+        if traced is None:
+            traced = trace_step(self.step_fn(variant), flat, variant.title)
+            traced.gm = run_graph_pipeline(traced.gm, variant.title, self.param_sizes(), self.report)
+            if self.backend == "inductor":
+                traced.runner = torch.compile(traced.gm, backend="inductor", fullgraph=True, dynamic=False)
+            self._traced[key] = traced
+        self.latest[variant.title] = traced
+        return traced
+
+    def param_sizes(self) -> dict[str, int]:
+        """Flattened trainable-parameter count per problem."""
+        return {n: sum(p.numel() for p in prob.trainable_parameters()) for n, prob in self.program.problems.items()}
+

@@ -1,0 +1,57 @@
+"""CompiledProgram: what the compiler emitted, for people and tools to inspect."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch.fx import GraphModule
+
+from mlocompile.ir import format_graph
+from passes import PassReport
+
+if TYPE_CHECKING:
+    from mlocompile.engine import Engine
+
+
+class CompiledProgram:
+    """The program graph plus every emitted step graph of an Engine.
+
+    ``.ir`` is deterministic text (golden tests compare it), ``.code`` the Python
+    source FX generated for each step (it executes), ``.graph_modules`` the
+    GraphModules by step name.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.program = engine.program
+
+    @property
+    def graph_modules(self) -> dict[str, GraphModule]:
+        """Every emitted step graph by name (latest trace per step), sorted by name."""
+        latest = self.engine.executor.latest
+        return {title: latest[title].gm for title in sorted(latest)}
+
+    @property
+    def ir(self) -> str:
+        """The dependency graph and every annotated step graph, as deterministic text."""
+        parts = [self.program.describe()]
+        parts += [format_graph(gm, title) for title, gm in self.graph_modules.items()]
+        return "\n\n".join(parts) + "\n"
+
+    @property
+    def code(self) -> str:
+        """Python source of every emitted step, one function per step."""
+        chunks = []
+        for title, gm in self.graph_modules.items():
+            body = gm.code.replace("def forward(self,", f"def {title}(self,", 1)
+            chunks.append(f"# ---- {title} ----{body}")
+        return "\n".join(chunks)
+
+    def report(self) -> PassReport:
+        """Per pass and graph: nodes before/after and time spent."""
+        return self.engine.executor.report
+
+
+def compile(engine: Engine) -> CompiledProgram:
+    """Trace and optimize every step of ``engine`` now; return what was emitted."""
+    return engine.compile()  # type: ignore[no-any-return]

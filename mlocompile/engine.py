@@ -1,0 +1,359 @@
+"""The Engine: Betty's schedule over compiled per-problem steps, with state write-back.
+
+The user's ``module`` and ``optimizer`` objects are the source of truth: each step
+reads their tensors (aliases, no copies), runs the compiled step and points them at
+the results, so after (or during) training they hold the current parameters and
+optimizer state and ``torch.save`` works as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlocompile.codegen import StepExecutor
+from mlocompile.config import EngineConfig
+from mlocompile.errors import NonFiniteError, ProgramError
+from mlocompile.functional import FunctionalProgram
+from mlocompile.optim import FunctionalOptimizer, StateDict, lower_optimizer
+from mlocompile.problem import Problem
+from mlocompile.program import ProgramGraph, build_program
+from mlocompile.step import StepVariant, needed_batches, needed_windows
+from mlocompile.trace import find_loss_uses
+from passes import run_program_passes
+
+log = logging.getLogger("mlocompile")
+
+
+@dataclass
+class _Runtime:
+    """Schedule state of one problem (Betty's counters and flags)."""
+
+    count: int = 0
+    ready: dict[str, bool] = field(default_factory=dict)
+    loop_start: bool = True
+    roll_back: bool = False
+    cache: dict[str, Any] | None = None
+    window: dict[str, Any] | None = None
+    acc: dict[str, Tensor] = field(default_factory=dict)
+    last_loss: float = float("nan")
+
+
+class Engine:
+    """Runs a multilevel optimization program with Betty's schedule and semantics.
+
+    Args:
+        problems: the problems of the program (each with a unique name).
+        config: schedule, validation and compilation settings.
+        dependencies: ``{"u2l": {upper: [lowers]}, "l2u": {lower: [uppers]}}`` with
+            problems or their names as keys and values.
+        env: unused; accepted for Betty compatibility (reinforcement-learning envs).
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        config: EngineConfig | None = None,
+        dependencies: Mapping[str, Mapping[Any, Sequence[Any]]] | None = None,
+        env: Any = None,
+    ) -> None:
+        self.config = config if config is not None else EngineConfig()
+        self.config.validate()
+        if dependencies is None:
+            raise ProgramError('Engine needs dependencies={"u2l": {...}, "l2u": {...}}')
+        self.problems = list(problems)
+        self.dependencies = dependencies
+        self.env = env
+        self.program: ProgramGraph = run_program_passes(build_program(self.problems, dependencies))
+        self.global_step = 0
+        self._stopped = False
+        self._checked = False
+        self._attach_problems()
+        self.fp = FunctionalProgram(self.program.problems)
+        self.optimizers = {n: self._lower(p) for n, p in self.program.problems.items()}
+        self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
+        self._run = {n: _Runtime(ready={c: False for c in self.program.children(n)}) for n in self.program.problems}
+        for name in self.program.problems:
+            self._run[name].roll_back = self.config.roll_back and bool(self.program.parents(name))
+        self.history: list[dict[str, Any]] = []
+        self.early_stopping_best: float | None = None
+        self.early_stopping_counter = 0
+
+    # -- set-up -------------------------------------------------------------------------
+    def _attach_problems(self) -> None:
+        for name, problem in self.program.problems.items():
+            if problem.module is None and problem.is_implemented("configure_module"):
+                problem.module = problem.configure_module()  # type: ignore[attr-defined]
+            if problem.optimizer is None and problem.is_implemented("configure_optimizer"):
+                problem.optimizer = problem.configure_optimizer()  # type: ignore[attr-defined]
+            if problem.scheduler is None and problem.is_implemented("configure_scheduler"):
+                problem.scheduler = problem.configure_scheduler()  # type: ignore[attr-defined]
+            if hasattr(type(self), name) or name in vars(self):
+                raise ProgramError(f"problem name {name!r} clashes with an Engine attribute; rename the problem")
+            setattr(self, name, problem)
+            for other in self.program.problems.values():
+                if other is not problem:
+                    if hasattr(type(other), name):
+                        raise ProgramError(f"problem name {name!r} clashes with an attribute of {other.name!r}; rename it")
+                    setattr(other, name, problem)
+
+    def _lower(self, problem: Problem) -> FunctionalOptimizer:
+        if problem.module is None:
+            raise ProgramError(f"problem {problem.name!r} has no module; pass module=... or define configure_module()")
+        if problem.optimizer is None:
+            raise ProgramError(f"problem {problem.name!r} has no optimizer; pass optimizer=torch.optim.SGD(...) or similar")
+        return lower_optimizer(problem.optimizer, problem.named_trainable_parameters())
+
+    # -- public schedule ------------------------------------------------------------------
+    def train_step(self) -> None:
+        """Step every leaf problem once; uppers step when their children are ready (Betty)."""
+        self._check_program()
+        for leaf in self.program.leaves:
+            self._step(leaf)
+
+    def run(self) -> None:
+        """Train for ``train_iters`` steps with validation and early stopping."""
+        self.train()
+        for it in range(1, self.config.train_iters + 1):
+            self.global_step += 1
+            self.train_step()
+            if it % self.config.valid_step == 0 and self.is_implemented("validation"):
+                if self._validate():
+                    log.info("early stopping at global step %d", self.global_step)
+                    break
+        self.train()
+
+    def validation(self) -> dict[str, Any] | None:  # pragma: no cover - user override
+        """Override to return validation metrics; runs every ``valid_step`` steps."""
+        return None
+
+    def is_implemented(self, name: str) -> bool:
+        """Return whether the user overrode ``name`` (e.g. ``validation``)."""
+        return getattr(type(self), name, None) is not getattr(Engine, name, None)
+
+    def train(self) -> None:
+        """Put every module in training mode."""
+        for problem in self.program.problems.values():
+            if problem.module is not None:
+                problem.module.train()
+
+    def eval(self) -> None:
+        """Put every module in evaluation mode."""
+        for problem in self.program.problems.values():
+            if problem.module is not None:
+                problem.module.eval()
+
+    def _validate(self) -> bool:
+        self.eval()
+        with torch.no_grad():
+            stats = self.validation() or {}
+        self.train()
+        stats = {k: float(v) if isinstance(v, (Tensor, int, float)) else v for k, v in stats.items()}
+        self.history.append({"tag": "validation", "step": self.global_step, **stats})
+        log.info("[validation] step %d %s", self.global_step, stats)
+        if not self.config.early_stopping:
+            return False
+        metric = self.config.early_stopping_metric
+        if metric not in stats:
+            raise ProgramError(f"early_stopping_metric={metric!r} is not in validation()'s result {sorted(stats)}")
+        score = float(stats[metric])
+        better = self.early_stopping_best is None or (
+            score < self.early_stopping_best if self.config.early_stopping_mode == "min" else score > self.early_stopping_best
+        )
+        if better:
+            self.early_stopping_best, self.early_stopping_counter = score, 0
+        else:
+            self.early_stopping_counter += 1
+        return self.early_stopping_counter >= self.config.early_stopping_tolerance
+
+    # -- Betty's recursive schedule ----------------------------------------------------------
+    def _step(self, name: str) -> None:
+        run, cfg = self._run[name], self.program.problems[name].config
+        self._step_normal(name)
+        if run.count % (cfg.unroll_steps * cfg.gradient_accumulation) == 0 and run.count > cfg.warmup_steps:
+            self._step_after_roll_back(name)
+
+    def _step_normal(self, name: str) -> None:
+        run, problem = self._run[name], self.program.problems[name]
+        cfg = problem.config
+        if not all(run.ready.values()):
+            return
+        if run.loop_start:
+            self._start_loop(name)
+        run.count += 1
+        batch = problem.cur_batch = problem.get_batch()
+        if run.window is not None:
+            run.window["hypers"].append(self.optimizers[name].hyperparameters())
+            run.window["batches"].append(batch)
+        update = run.count % cfg.gradient_accumulation == 0
+        self._execute(name, batch, update)
+        if problem.scheduler is not None and not run.roll_back:
+            problem.scheduler.step()
+        if run.count % (cfg.unroll_steps * cfg.gradient_accumulation) == 0 and run.count > cfg.warmup_steps:
+            for parent in self.program.parents(name):
+                self._run[parent].ready[name] = True
+                self._step_normal(parent)
+            run.loop_start = True
+        run.ready = dict.fromkeys(run.ready, False)
+
+    def _step_after_roll_back(self, name: str) -> None:
+        run, problem = self._run[name], self.program.problems[name]
+        if not all(run.ready.values()):
+            return
+        if run.roll_back and run.cache is not None:
+            self._restore(name, run.cache)
+            self._execute(name, problem.cur_batch, True)
+            if problem.scheduler is not None:
+                problem.scheduler.step()
+            for parent in self.program.parents(name):
+                self._run[parent].ready[name] = True
+                self._step_after_roll_back(parent)
+        run.ready = dict.fromkeys(run.ready, False)
+
+    def _start_loop(self, name: str) -> None:
+        run, problem = self._run[name], self.program.problems[name]
+        if problem.is_implemented("on_inner_loop_start"):
+            problem.on_inner_loop_start()  # type: ignore[attr-defined]
+            if problem._init_source is not None:
+                self.executor.init_sources[name] = problem._init_source.name
+        run.loop_start = False
+        if run.roll_back or problem.config.type == "itd":
+            snapshot = self._snapshot(name)
+            run.cache = snapshot if run.roll_back else None
+            if problem.config.type == "itd":
+                run.window = {**snapshot, "hypers": [], "batches": []}
+
+    def _snapshot(self, name: str) -> dict[str, Any]:
+        # NOTE: steps are pure (new tensors each step), so params/state alias safely;
+        # buffers may be updated in place by modules (BatchNorm), so they are cloned.
+        return {
+            "params": self.fp.read_params()[name],
+            "buffers": {k: b.clone() for k, b in self.fp.read_buffers()[name].items()},
+            "opt_state": self.optimizers[name].read_state(),
+        }
+
+    def _restore(self, name: str, snap: dict[str, Any]) -> None:
+        problem = self.program.problems[name]
+        for key, param in problem.named_trainable_parameters().items():
+            param.data = snap["params"][key]
+        assert problem.module is not None
+        for key, buf in problem.module.named_buffers():
+            buf.copy_(snap["buffers"][key])
+        self.optimizers[name].write_state(snap["opt_state"])
+
+    # -- one compiled step ---------------------------------------------------------------------
+    def step_inputs(self, name: str, batch: Any, acc: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """Gather the explicit inputs of ``name``'s step from the live objects."""
+        opt = self.optimizers[name]
+        windows: dict[str, Any] = {}
+        for q in needed_windows(self.program, name):
+            win = self._run[q].window
+            windows[q] = win if win is not None and win["batches"] else self._fresh_window(q)
+        return {
+            "params": self.fp.read_params(),
+            "buffers": self.fp.read_buffers(),
+            "batch": batch,
+            "last": {q: self._current_batch(q) for q in needed_batches(self.program, name)},
+            "opt": opt.read_state(),
+            "hyper": opt.hyperparameters(),
+            "acc": dict(acc or {}),
+            "windows": windows,
+        }
+
+    def _execute(self, name: str, batch: Any, update: bool) -> None:
+        run, problem = self._run[name], self.program.problems[name]
+        out = self.executor.run(StepVariant(name, update), self.step_inputs(name, batch, run.acc))
+        loss = float(out["loss"])
+        if self.config.check_finite and not (math.isfinite(loss) and math.isfinite(float(out["grad_norm"]))):
+            raise NonFiniteError(
+                f"problem {name!r} at global step {self.global_step} (local step {run.count}): "
+                f"loss={loss}, gradient norm={float(out['grad_norm'])}; lower the learning rate, clip gradients "
+                "(Config(gradient_clipping=...)) or check the data"
+            )
+        run.last_loss = loss
+        if update:
+            for key, param in problem.named_trainable_parameters().items():
+                param.data = out["params"][key]
+            self.optimizers[name].write_state(out["opt"])
+            run.acc = {}
+        else:
+            run.acc = out["acc"]
+        cfg = problem.config
+        if cfg.log_step > 0 and run.count % cfg.log_step == 0:
+            record = {"tag": name, "step": self.global_step, "local_step": run.count, "loss": loss}
+            record.update({k: float(v) for k, v in out["logs"].items()})
+            self.history.append(record)
+            log.info("[%s] step %d local %d %s", name, self.global_step, run.count, record)
+
+    # -- compilation support ---------------------------------------------------------------------
+    def _current_batch(self, name: str) -> Any:
+        problem = self.program.problems[name]
+        return problem.cur_batch if problem.cur_batch is not None else self.peek_batch(name)
+
+    def peek_batch(self, name: str) -> Any:
+        """Return the next batch of ``name`` without consuming data or RNG state."""
+        problem = self.program.problems[name]
+        rng = torch.get_rng_state()
+        try:
+            loaders = problem._loaders()
+            batches = [next(iter(loader)) for loader in loaders]
+        finally:
+            torch.set_rng_state(rng)
+        return batches[0] if len(batches) == 1 else tuple(batches)
+
+    def _fresh_window(self, name: str) -> dict[str, Any]:
+        snap = self._snapshot(name)
+        k = self.program.problems[name].config.unroll_steps
+        hyper = self.optimizers[name].hyperparameters()
+        return {**snap, "hypers": [hyper] * k, "batches": [self._current_batch(name)] * k}
+
+    def _check_program(self) -> None:
+        """Check, before the first step, that every declared dependency is used by a loss."""
+        if self._checked:
+            return
+        for name, problem in self.program.problems.items():
+            if problem.is_implemented("on_inner_loop_start") and self._run[name].loop_start:
+                self._start_loop(name)
+        params, buffers = self.fp.read_params(), self.fp.read_buffers()
+        uses = {n: find_loss_uses(self.fp, n, params, buffers, self._current_batch(n)) for n in self.program.problems}
+        for upper, lower in self.program.edges("u2l"):
+            init = self.program.problems[lower]._init_source
+            if upper not in uses[lower] and not (init is not None and init.name == upper):
+                raise ProgramError(
+                    f"u2l edge {upper} -> {lower}: the training_step of {lower!r} never uses {upper!r}'s parameters, "
+                    f"so {upper!r}'s hypergradient would be zero; call self.{upper}(...) in {lower!r}'s loss, "
+                    f"start {lower!r} from it with self.load_parameters_from(self.{upper}) in on_inner_loop_start, "
+                    "or remove the edge"
+                )
+        for lower, upper in self.program.edges("l2u"):
+            if lower not in uses[upper]:
+                raise ProgramError(
+                    f"l2u edge {lower} -> {upper}: the training_step of {upper!r} never uses {lower!r}'s parameters; "
+                    f"call self.{lower}(...) in {upper!r}'s loss or remove the edge"
+                )
+        self._checked = True
+
+    def compile(self) -> Any:
+        """Trace every problem's step now (normally done lazily) and return the CompiledProgram."""
+        from mlocompile.compiled import CompiledProgram
+
+        self._check_program()
+        for name in self.program.problems:
+            variants = [True] if self.program.problems[name].config.gradient_accumulation == 1 else [False, True]
+            for update in variants:
+                inputs = self.step_inputs(name, self._current_batch(name))
+                if self.config.compile == "eager":
+                    continue
+                self.executor.traced(StepVariant(name, update), inputs)
+        return CompiledProgram(self)
+
+    # -- state ----------------------------------------------------------------------------------
+    def optimizer_state(self, name: str) -> StateDict:
+        """Return problem ``name``'s optimizer state as the step sees it."""
+        return self.optimizers[name].read_state()

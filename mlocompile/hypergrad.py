@@ -1,0 +1,177 @@
+"""Best-response vector-Jacobian products, one rule per method (darts, neumann, cg, itd).
+
+Each rule computes ``(∂θ*_curr/∂θ_prev)ᵀ v`` for a vector ``v`` over ``curr``'s
+parameters, evaluating ``curr``'s loss on its last batch at the current weights.
+Rules are pure functions of explicit tensors: the eager backend runs them as they
+are and make_fx traces them into the step graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, with_params
+from mlocompile.ir import annotate
+from mlocompile.optim import FunctionalOptimizer, StateDict
+
+
+@dataclass
+class Window:
+    """What ``itd`` replays: ``curr``'s state at the unroll start and each step's batch."""
+
+    params: Params
+    buffers: Params
+    opt_state: StateDict
+    hypers: list[dict[str, Tensor]]
+    batches: list[Any]
+
+
+@dataclass
+class StepEnv:
+    """Everything a best-response rule may read, as explicit tensors."""
+
+    fp: FunctionalProgram
+    params: ProgramParams
+    buffers: ProgramParams
+    batches: dict[str, Any]
+    optimizers: dict[str, FunctionalOptimizer]
+    windows: dict[str, Window] = field(default_factory=dict)
+    init_sources: dict[str, str] = field(default_factory=dict)
+
+    def loss_of(self, curr: str, prev: str) -> Callable[[Params, Params], Tensor]:
+        """Return ``(w_curr, w_prev) -> C_curr`` on curr's last batch, all else fixed."""
+
+        def fn(w: Params, lam: Params) -> Tensor:
+            params = with_params(with_params(self.params, prev, lam), curr, w)
+            return self.fp.loss(curr, params, self.buffers, self.batches[curr])[0]
+
+        return fn
+
+
+VjpRule = Callable[[StepEnv, str, str, Params], Params]
+BEST_RESPONSE_VJPS: dict[str, VjpRule] = {}
+
+
+def register_vjp(method: str) -> Callable[[VjpRule], VjpRule]:
+    """Register the best-response VJP rule for ``method``."""
+
+    def deco(rule: VjpRule) -> VjpRule:
+        BEST_RESPONSE_VJPS[method] = rule
+        return rule
+
+    return deco
+
+
+def _norm(v: Params) -> Tensor:
+    return torch.sqrt(sum((t * t).sum() for t in v.values()))  # type: ignore[arg-type]
+
+
+@register_vjp("darts")
+def darts_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
+    """Finite-difference ``−∇²_{λw}L·v`` with ``eps = darts_alpha / ‖v‖`` (Hessian⁻¹ ≈ I)."""
+    cfg = env.fp.problems[curr].config
+    eps = cfg.darts_alpha / (_norm(v) + 1e-15)
+    loss = env.loss_of(curr, prev)
+    w = env.params[curr]
+    grad_prev = torch.func.grad(lambda lam, w_: loss(w_, lam), argnums=0)
+    g_plus = grad_prev(env.params[prev], tree_axpy(eps, v, w))
+    g_minus = grad_prev(env.params[prev], tree_axpy(-eps, v, w))
+    return {k: (g_minus[k] - g_plus[k]) / (2 * eps) for k in g_plus}
+
+
+def _linearized_grad(env: StepEnv, curr: str, prev: str) -> Callable[[Params], tuple[Params, Params]]:
+    """Return ``u -> (H u, ∇²_{λw}L u)`` from one linearization of ``∇_w L``."""
+    loss = env.loss_of(curr, prev)
+    grad_w = torch.func.grad(loss, argnums=0)
+    _, vjp_fn = torch.func.vjp(grad_w, env.params[curr], env.params[prev])
+    return vjp_fn  # type: ignore[no-any-return]
+
+
+@register_vjp("neumann")
+def neumann_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
+    """``−∇²_{λw}L · α Σ_{j=0..K} (I − αH)^j v`` (Lorraine et al.)."""
+    cfg = env.fp.problems[curr].config
+    alpha = cfg.neumann_alpha
+    lin = _linearized_grad(env, curr, prev)
+    term, acc = v, v
+    for _ in range(cfg.neumann_iterations):
+        hv = lin(term)[0]
+        term = {k: term[k] - alpha * hv[k] for k in term}
+        acc = {k: acc[k] + term[k] for k in acc}
+    mixed = lin({k: alpha * a for k, a in acc.items()})[1]
+    return {k: -m for k, m in mixed.items()}
+
+
+@register_vjp("cg")
+def cg_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
+    """``−∇²_{λw}L · x`` with ``x ≈ H⁻¹ v`` from conjugate gradient on ``(cg_alpha·H) x' = v``."""
+    cfg = env.fp.problems[curr].config
+    scale = cfg.cg_alpha
+    lin = _linearized_grad(env, curr, prev)
+    x = {k: torch.zeros_like(t) for k, t in v.items()}
+    r, p = v, v
+    rs = tree_dot(r, r)
+    for _ in range(cfg.cg_iterations):
+        ap = {k: scale * t for k, t in lin(p)[0].items()}
+        denom = tree_dot(p, ap)
+        step = rs / torch.where(denom == 0, torch.ones_like(denom), denom)
+        x = tree_axpy(step, p, x)
+        r = tree_axpy(-step, ap, r)
+        rs_new = tree_dot(r, r)
+        beta = rs_new / torch.where(rs == 0, torch.ones_like(rs), rs)
+        p = tree_axpy(beta, p, r)
+        rs = rs_new
+    mixed = lin({k: scale * t for k, t in x.items()})[1]
+    return {k: -m for k, m in mixed.items()}
+
+
+@register_vjp("itd")
+def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
+    """Reverse mode through ``curr``'s replayed optimizer updates since its unroll start."""
+    window = env.windows[curr]
+    opt = env.optimizers[curr]
+    problem = env.fp.problems[curr]
+    init_from = env.init_sources.get(curr)
+
+    def unroll(lam: Params) -> Params:
+        params = with_params(env.params, prev, lam)
+        w = params[init_from] if init_from is not None else window.params
+        state = window.opt_state
+        for hyper, batch in zip(window.hypers, window.batches):
+
+            def loss(w_: Params, batch: Any = batch) -> Tensor:
+                return env.fp.loss(curr, with_params(params, curr, w_), window.buffers, batch)[0]
+
+            grads = torch.func.grad(loss)(w)
+            if problem.is_implemented("grad_callback"):
+                grads = problem.grad_callback(grads) or grads  # type: ignore[attr-defined]
+            w, state = opt.update(w, grads, state, hyper)
+            if problem.is_implemented("param_callback"):
+                w = problem.param_callback(w) or w  # type: ignore[attr-defined]
+        return w
+
+    _, vjp_fn = torch.func.vjp(unroll, env.params[prev])
+    return vjp_fn(v)[0]  # type: ignore[no-any-return]
+
+
+def run_plan(env: StepEnv, upper: str, plan: list, ends: list[int], first: dict[str, Params]) -> Params:
+    """Evaluate an upper problem's VJP plan; return the summed hypergradient for ``upper``.
+
+    ``first[curr]`` is ``∂C_upper/∂θ_curr`` for every chain end ``curr``.
+    """
+    outs: dict[int, Params] = {}
+    for op in plan:
+        vec = first[op.curr] if op.source is None else outs[op.source]
+        method = env.fp.problems[op.curr].config.type
+        with annotate(problem=upper, role="hypergrad", method=method, edge=f"{op.curr}->{op.prev}", path=f"{upper}.v{op.id}"):
+            outs[op.id] = BEST_RESPONSE_VJPS[method](env, op.curr, op.prev, vec)
+    total: Params = {}
+    for end in ends:
+        for k, t in outs[end].items():
+            total[k] = total[k] + t if k in total else t
+    return total

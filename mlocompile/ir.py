@@ -1,0 +1,108 @@
+"""The MLO IR: annotation keys on FX nodes, the deterministic printer and the verifier."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch.fx import GraphModule, Node
+
+from mlocompile.errors import IRVerificationError
+
+# Every node.meta key mlocompile uses: who writes it, who reads it.
+META_KEYS: dict[str, str] = {
+    "mlo.problem": "trace (annotate) writes the problem whose loss/update made the node; printer, dot, amp read",
+    "mlo.role": "trace writes forward|grad|direct|hypergrad|update|callback|io; printer, dot, checkpoint read",
+    "mlo.edge": "trace writes 'u2l'/'l2u' + endpoints for nodes inside a best-response product; printer reads",
+    "mlo.path": "trace writes the VJP op id (e.g. 'outer.v0') a hypergradient node belongs to; printer reads",
+    "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
+}
+ROLES = ("io", "forward", "grad", "direct", "hypergrad", "update", "callback")
+
+
+@contextlib.contextmanager
+def annotate(**meta: str) -> Iterator[None]:
+    """Tag every node traced inside the block with ``mlo.<key>`` annotations."""
+    with fx_traceback.annotate({f"mlo.{k}": v for k, v in meta.items()}):
+        yield
+
+
+def adopt_annotations(gm: GraphModule) -> None:
+    """Move ``mlo.*`` entries from ``node.meta["custom"]`` to top-level ``node.meta`` keys."""
+    for node in gm.graph.nodes:
+        custom = node.meta.get("custom") or {}
+        for key, value in custom.items():
+            if key.startswith("mlo."):
+                node.meta[key] = value
+        if node.op in ("placeholder", "output"):
+            node.meta["mlo.role"] = "io"
+
+
+def _fmt_arg(a: Any) -> str:
+    if isinstance(a, Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_fmt_arg(x) for x in a)
+        return f"[{inner}]"
+    if isinstance(a, float):
+        return repr(a)
+    if isinstance(a, torch.dtype):
+        return str(a).replace("torch.", "")
+    return repr(a) if not isinstance(a, torch.device) else f"'{a}'"
+
+
+def _fmt_val(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        dims = "x".join(str(int(s)) for s in val.shape)
+        return f"{str(val.dtype).replace('torch.', '')}[{dims}]"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(_fmt_val(v) for v in val) + ")"
+    return type(val).__name__
+
+
+def format_graph(gm: GraphModule, title: str) -> str:
+    """Return a deterministic text form of one annotated step graph."""
+    lines = [f"graph {title}:"]
+    for node in gm.graph.nodes:
+        tags = " ".join(
+            f"{k[4:]}={node.meta[k]}" for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path") if k in node.meta
+        )
+        val = _fmt_val(node.meta["val"]) if "val" in node.meta else "-"
+        if node.op == "placeholder":
+            body = f"input {node.name}"
+        elif node.op == "output":
+            body = f"return {_fmt_arg(node.args[0])}"
+        elif node.op == "get_attr":
+            body = f"%{node.name} = constant {node.target}"
+        else:
+            args = ", ".join([_fmt_arg(a) for a in node.args] + [f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items()])
+            body = f"%{node.name} = {node.target}({args})"
+        lines.append(f"  {body} : {val}" + (f"  # {tags}" if tags else ""))
+    return "\n".join(lines)
+
+
+def verify(gm: GraphModule) -> None:
+    """Check the invariants every pass must preserve; raise IRVerificationError otherwise.
+
+    The FX graph must lint, every computing node must carry ``mlo.problem`` and
+    ``mlo.role`` with a known role, and the graph must have exactly one output.
+    """
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # fx raises bare RuntimeError/AssertionError
+        raise IRVerificationError(f"FX lint failed: {exc}") from exc
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise IRVerificationError(f"step graph has {len(outputs)} outputs, expected 1")
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        role = node.meta.get("mlo.role")
+        if role not in ROLES or "mlo.problem" not in node.meta:
+            raise IRVerificationError(
+                f"node {node.name} ({node.target}) lacks mlo.problem/mlo.role annotations (role={role!r}); "
+                "a pass that creates nodes must copy the meta of the node it replaces"
+            )

@@ -1,0 +1,166 @@
+"""The Betty-compatible ``Problem`` class: one optimization problem of an MLO program."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlocompile.config import Config
+from mlocompile.errors import ProgramError
+
+_HOOKS = ("on_inner_loop_start", "grad_callback", "param_callback", "validation_step")
+
+
+class Problem:
+    """One optimization problem: a module, its optimizer, its data and its loss.
+
+    Subclass it and write ``training_step(batch)``; it returns a scalar loss tensor
+    or a dict with a ``"loss"`` entry (other entries are logged). Inside it, other
+    problems are attributes by name (``self.outer(x)`` calls ``outer.forward``).
+
+    Args:
+        name: unique name; other problems reach this one as ``self.<name>``.
+        config: how this problem trains and how its solution is differentiated.
+        module: the ``nn.Module`` whose parameters this problem optimizes.
+        optimizer: a ``torch.optim`` optimizer over ``module``'s parameters.
+        scheduler: an optional LR scheduler; stepped after every optimizer step.
+        train_data_loader: any re-iterable of batches (a DataLoader, a list), or a
+            tuple of them (the batch is then a tuple); restarts when exhausted.
+        extra_config: free-form user configuration, kept as ``self.cfg`` (Betty).
+
+    Hooks (optional methods): ``on_inner_loop_start(self)`` runs eagerly when an
+    unroll window starts; ``grad_callback(self, grads) -> grads`` and
+    ``param_callback(self, params) -> params`` are traced into the step and take and
+    return dicts of tensors keyed by parameter name.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: Config | None = None,
+        module: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        train_data_loader: Any = None,
+        extra_config: Any = None,
+    ) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ProgramError(f"problem name {name!r} must be a Python identifier (it becomes an attribute)")
+        self._name = name
+        self._config = config if config is not None else Config()
+        self.cfg = extra_config
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_data_loader = train_data_loader
+        self.cur_batch: Any = None
+        self.epoch_counter: list[int] = []
+        self._iterators: list[Iterator[Any]] | None = None
+        self._init_source: Problem | None = None
+        self.device: torch.device | None = None
+
+    # -- identity -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The problem's unique name."""
+        return self._name
+
+    @property
+    def config(self) -> Config:
+        """The problem's ``Config``."""
+        return self._config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self._name!r})"
+
+    # -- user surface ---------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the problem's module; override to call it differently."""
+        if self.module is None:
+            raise ProgramError(f"problem {self._name!r} has no module to call")
+        return self.module(*args, **kwargs)
+
+    def training_step(self, batch: Any) -> Any:
+        """Return this problem's loss on ``batch`` (a scalar tensor or a dict with "loss")."""
+        raise NotImplementedError(f"problem {self._name!r} must define training_step(self, batch)")
+
+    def load_parameters_from(self, problem: Problem) -> None:
+        """Start this problem's unroll window from ``problem``'s parameters (MAML).
+
+        Call it in ``on_inner_loop_start``. The parameters are copied by name; under
+        ``type="itd"`` the hypergradient differentiates through this copy, so the
+        dependency appears in the IR as an upper-to-lower ``init`` edge.
+        """
+        if self.module is None or problem.module is None:
+            raise ProgramError(f"load_parameters_from: {self._name!r} and {problem.name!r} both need modules")
+        mine = dict(self.module.named_parameters())
+        theirs = dict(problem.module.named_parameters())
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise ProgramError(
+                f"load_parameters_from: {self._name!r} and {problem.name!r} have different parameter "
+                "names or shapes; their modules must have the same architecture"
+            )
+        with torch.no_grad():
+            for key, param in mine.items():
+                param.copy_(theirs[key])
+        self._init_source = problem
+
+    # -- introspection used by the engine ---------------------------------------------
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Return the parameters this problem optimizes, by name."""
+        if self.module is None:
+            return {}
+        return {k: p for k, p in self.module.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Return the parameters this problem optimizes (Betty name)."""
+        return list(self.named_trainable_parameters().values())
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Return all of the module's parameters (Betty name)."""
+        return [] if self.module is None else list(self.module.parameters())
+
+    def is_implemented(self, hook: str) -> bool:
+        """Return whether this problem defines the method ``hook``."""
+        return callable(getattr(self, hook, None))
+
+    # -- data -------------------------------------------------------------------------
+    def _loaders(self) -> tuple[Iterable[Any], ...]:
+        loader = self.train_data_loader
+        if loader is None and self.is_implemented("configure_train_data_loader"):
+            loader = self.train_data_loader = self.configure_train_data_loader()  # type: ignore[attr-defined]
+        if loader is None:
+            raise ProgramError(f"problem {self._name!r} has no train_data_loader and no get_batch()")
+        return loader if isinstance(loader, tuple) else (loader,)
+
+    def get_batch(self) -> Any:
+        """Return the next training batch, restarting exhausted loaders (Betty semantics)."""
+        loaders = self._loaders()
+        if self._iterators is None:
+            self._iterators = [iter(ld) for ld in loaders]
+            self.epoch_counter = [0] * len(loaders)
+        batches = []
+        for i, loader in enumerate(loaders):
+            try:
+                batch = next(self._iterators[i])
+            except StopIteration:
+                self.epoch_counter[i] += 1
+                if i == 0 and self.is_implemented("epoch_callback"):
+                    self.epoch_callback()  # type: ignore[attr-defined]
+                self._iterators[i] = iter(loader)
+                try:
+                    batch = next(self._iterators[i])
+                except StopIteration:
+                    raise ProgramError(f"train_data_loader of problem {self._name!r} yields no batches") from None
+            batches.append(batch)
+        return batches[0] if len(batches) == 1 else tuple(batches)
+
+
+ImplicitProblem = Problem
+IterativeProblem = Problem

@@ -1,0 +1,124 @@
+"""The step function of one problem: loss, gradients, hypergradients, optimizer update.
+
+This is the one implementation of the math. ``build_step`` returns a pure function
+of a pytree of tensors; the eager backend calls it directly and the fx/inductor
+backends trace it with make_fx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlocompile.functional import FunctionalProgram, Params, with_params
+from mlocompile.hypergrad import StepEnv, Window, run_plan
+from mlocompile.ir import annotate
+from mlocompile.optim import FunctionalOptimizer
+from mlocompile.program import ProgramGraph
+
+StepFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """The static choices that select a step graph for one problem."""
+
+    problem: str
+    update: bool = True
+
+    @property
+    def title(self) -> str:
+        """Name of the emitted graph, e.g. ``step_inner`` or ``step_inner_accumulate``."""
+        return f"step_{self.problem}" + ("" if self.update else "_accumulate")
+
+
+def needed_batches(program: ProgramGraph, name: str) -> list[str]:
+    """Problems whose last batch the step of ``name`` reads (curr of its VJP ops)."""
+    return sorted({op.curr for op in program.plans.get(name, [])})
+
+
+def needed_windows(program: ProgramGraph, name: str) -> list[str]:
+    """Problems whose unroll window the step of ``name`` replays (its itd currs)."""
+    return [c for c in needed_batches(program, name) if program.problems[c].config.type == "itd"]
+
+
+def _clip(grads: Params, max_norm: float) -> Params:
+    norm = torch.sqrt(sum((g.detach() * g.detach()).sum() for g in grads.values()))  # type: ignore[arg-type]
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return {k: g * coef for k, g in grads.items()}
+
+
+def build_step(
+    fp: FunctionalProgram,
+    program: ProgramGraph,
+    optimizers: dict[str, FunctionalOptimizer],
+    init_sources: dict[str, str],
+    variant: StepVariant,
+) -> StepFn:
+    """Return the pure step function of ``variant.problem``.
+
+    Inputs (a dict): ``params``/``buffers`` of every problem, ``batch`` (this step's),
+    ``last`` (last batches of the problems on this problem's paths), ``opt`` and
+    ``hyper`` (optimizer state and hyperparameters), ``acc`` (accumulated gradient,
+    possibly empty) and ``windows`` (itd replays). Outputs: ``params``, ``opt``,
+    ``acc``, ``loss``, ``grad_norm`` and ``logs``.
+    """
+    name = variant.problem
+    problem = program.problems[name]
+    cfg = problem.config
+    plan = program.plans.get(name, [])
+    ends = program.path_ends.get(name, [])
+    firsts = sorted({op.curr for op in plan if op.source is None})
+    opt = optimizers[name]
+
+    def step(inputs: dict[str, Any]) -> dict[str, Any]:
+        # NOTE: the outer annotation tags glue ops (detaches, sums) nothing more specific claims
+        with annotate(problem=name, role="update"):
+            return body(inputs)
+
+    def body(inputs: dict[str, Any]) -> dict[str, Any]:
+        params, buffers = inputs["params"], inputs["buffers"]
+
+        def objective(wrt: dict[str, Params]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+            merged = params
+            for key, value in wrt.items():
+                merged = with_params(merged, key, value)
+            loss, logs = fp.loss(name, merged, buffers, inputs["batch"])
+            return loss / cfg.gradient_accumulation, (loss, logs)
+
+        wrt = {key: params[key] for key in [name, *firsts]}
+        with annotate(problem=name, role="grad"):
+            grads, (loss, logs) = torch.func.grad(objective, has_aux=True)(wrt)
+        total = dict(grads[name])
+        if plan:
+            windows = {k: Window(**w) for k, w in inputs["windows"].items()}
+            env = StepEnv(fp, params, buffers, inputs["last"], optimizers, windows, init_sources)
+            hyper = run_plan(env, name, plan, ends, {c: grads[c] for c in firsts})
+            with annotate(problem=name, role="hypergrad"):
+                total = {k: g + hyper[k] for k, g in total.items()}
+        with annotate(problem=name, role="update"):
+            if inputs["acc"]:
+                total = {k: g + inputs["acc"][k] for k, g in total.items()}
+            grad_norm = torch.sqrt(sum((g * g).sum() for g in total.values()))
+        out: dict[str, Any] = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "logs": logs}
+        if not variant.update:
+            out.update(params={}, opt={}, acc=total)
+            return out
+        with annotate(problem=name, role="callback"):
+            if problem.is_implemented("grad_callback"):
+                total = problem.grad_callback(total) or total  # type: ignore[attr-defined]
+        with annotate(problem=name, role="update"):
+            if cfg.gradient_clipping > 0:
+                total = _clip(total, cfg.gradient_clipping)
+            new_params, new_state = opt.update(params[name], total, inputs["opt"], inputs["hyper"])
+        with annotate(problem=name, role="callback"):
+            if problem.is_implemented("param_callback"):
+                new_params = problem.param_callback(new_params) or new_params  # type: ignore[attr-defined]
+        out.update(params=new_params, opt=new_state, acc={})
+        return out
+
+    return step

@@ -1,0 +1,120 @@
+"""Trace a step function into an annotated, aten-level FX GraphModule with make_fx."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from mlocompile.errors import MLOError, TraceError
+from mlocompile.ir import adopt_annotations
+from mlocompile.step import StepFn
+
+
+@dataclass(frozen=True)
+class FlatInputs:
+    """A step's inputs split into tensor leaves and a hashable static remainder."""
+
+    tensors: list[torch.Tensor]
+    spec: pytree.TreeSpec
+    statics: tuple[Any, ...]
+    slots: tuple[bool, ...]
+
+    def key(self) -> tuple[Any, ...]:
+        """Return what decides whether a traced graph can be reused for these inputs."""
+        meta = tuple((tuple(t.shape), t.dtype, t.device.type) for t in self.tensors)
+        return (str(self.spec), self.statics, meta)
+
+
+def flatten_inputs(inputs: dict[str, Any]) -> FlatInputs:
+    """Split a step's input pytree into tensors (graph inputs) and static leaves."""
+    leaves, spec = pytree.tree_flatten(inputs)
+    slots = tuple(isinstance(x, torch.Tensor) for x in leaves)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    statics = tuple(x for x in leaves if not isinstance(x, torch.Tensor))
+    try:
+        hash(statics)
+    except TypeError as exc:
+        raise TraceError(f"a batch holds an unhashable non-tensor value ({exc}); batches may hold tensors, numbers and strings") from None
+    return FlatInputs(tensors, spec, statics, slots)
+
+
+def unflatten_inputs(flat: FlatInputs, tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """Rebuild the input pytree from graph-input tensors and the static leaves."""
+    it_t, it_s = iter(tensors), iter(flat.statics)
+    leaves = [next(it_t) if is_t else next(it_s) for is_t in flat.slots]
+    return pytree.tree_unflatten(leaves, flat.spec)  # type: ignore[no-any-return]
+
+
+@dataclass
+class TracedStep:
+    """A traced step: the GraphModule and how to map inputs/outputs to it."""
+
+    gm: GraphModule
+    out_spec: pytree.TreeSpec
+    title: str
+    runner: Any = None  # what executes: ``gm`` itself, or its inductor-compiled form
+
+    def __call__(self, flat: FlatInputs) -> dict[str, Any]:
+        outs = (self.runner or self.gm)(*flat.tensors)
+        return pytree.tree_unflatten(list(outs), self.out_spec)  # type: ignore[no-any-return]
+
+
+def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
+    """Trace ``fn`` at ``flat``'s shapes into an aten-level GraphModule with mlo.* meta."""
+    holder: dict[str, pytree.TreeSpec] = {}
+
+    def flat_fn(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        out = fn(unflatten_inputs(flat, list(tensors)))
+        leaves, holder["spec"] = pytree.tree_flatten(out)
+        return leaves
+
+    try:
+        with fx_traceback.preserve_node_meta():
+            # NOTE: make_fx maps tensors to placeholders by identity; the same tensor object
+            # passed twice (e.g. one batch shared by two loaders) would fuse two inputs.
+            gm = make_fx(flat_fn, tracing_mode="real")(*[t.detach() for t in flat.tensors])
+    except MLOError:
+        raise
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "_local_scalar_dense" in msg or "data-dependent" in msg:
+            raise TraceError(
+                f"{title}: a training_step reads a tensor's value in Python (.item(), float(t), bool(t) or an "
+                "if on a tensor), which cannot be traced; return tensors in the loss dict instead, or run with "
+                "EngineConfig(compile='eager')"
+            ) from exc
+        raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
+    adopt_annotations(gm)
+    return TracedStep(gm=gm, out_spec=holder["spec"], title=title)
+
+
+def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str, Any], batch: Any) -> set[str]:
+    """Return the problems whose parameters problem ``name``'s loss actually reads.
+
+    The loss alone is traced (forward only); a problem counts as used when one of
+    its parameter inputs has a user in the graph. Also checks the loss is a scalar.
+    """
+    names = [(p, k) for p, tensors in params.items() for k in tensors]
+
+    def loss_fn(*tensors: torch.Tensor) -> torch.Tensor:
+        rebuilt: dict[str, dict[str, torch.Tensor]] = {p: {} for p in params}
+        for (p, k), t in zip(names, tensors):
+            rebuilt[p][k] = t
+        return fp.loss(name, rebuilt, buffers, batch)[0]  # type: ignore[no-any-return]
+
+    flat = [params[p][k].detach() for p, k in names]
+    try:
+        with torch.no_grad():
+            gm = make_fx(loss_fn, tracing_mode="real")(*flat)
+    except MLOError:
+        raise
+    except RuntimeError as exc:
+        raise TraceError(f"tracing the training_step of problem {name!r} failed: {str(exc).splitlines()[0]}") from exc
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {p for (p, _), node in zip(names, placeholders) if node.users}

@@ -1,0 +1,106 @@
+"""Compiler passes: the registry, the default pipelines and the verifying runner.
+
+Program passes rewrite the ProgramGraph; graph passes rewrite one step's
+GraphModule. After every graph pass the IR is verified (the IR may be invalid
+during a pass, never after).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule
+
+from mlocompile.errors import MLOError, PassError
+from mlocompile.ir import verify
+from mlocompile.program import ProgramGraph
+from passes.cse import eliminate_common_subexpressions
+from passes.dce import eliminate_dead_code
+from passes.enumerate_paths import enumerate_paths
+from passes.order_vjps import check_no_jacobians, order_vjps
+
+GraphPass = Callable[[GraphModule], GraphModule]
+PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
+    "enumerate_paths": enumerate_paths,
+    "order_vjps": order_vjps,
+}
+GRAPH_PASSES: dict[str, GraphPass] = {
+    "eliminate_dead_code": eliminate_dead_code,
+    "eliminate_common_subexpressions": eliminate_common_subexpressions,
+}
+
+
+@dataclass
+class PassRecord:
+    """What one pass did to one graph: node counts and time spent."""
+
+    graph: str
+    name: str
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+
+
+@dataclass
+class PassReport:
+    """Every pass run, in order."""
+
+    records: list[PassRecord] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [f"{'graph':<28} {'pass':<34} {'before':>7} {'after':>7} {'ms':>8}"]
+        for r in self.records:
+            rows.append(f"{r.graph:<28} {r.name:<34} {r.nodes_before:>7} {r.nodes_after:>7} {1e3 * r.seconds:>8.2f}")
+        return "\n".join(rows)
+
+
+def run_program_passes(program: ProgramGraph) -> ProgramGraph:
+    """Run the program-level pipeline."""
+    program = enumerate_paths(program)  # every u2l-then-l2u path, Betty's DFS order
+    program = order_vjps(program)  # needs paths; plans right-to-left VJP chains with shared suffixes
+    return program
+
+
+def _count(gm: GraphModule) -> int:
+    return len(gm.graph.nodes)
+
+
+def run_pass(gm: GraphModule, name: str, title: str, done: list[str], report: PassReport | None) -> GraphModule:
+    """Run one registered graph pass, then verify; failures name the pass and its predecessors."""
+    before, start = _count(gm), time.perf_counter()
+    try:
+        gm = GRAPH_PASSES[name](gm)
+        verify(gm)
+    except MLOError as exc:
+        raise PassError(f"pass {name} on {title} (after {done or 'nothing'}) failed: {exc}") from exc
+    if report is not None:
+        report.records.append(PassRecord(title, name, before, _count(gm), time.perf_counter() - start))
+    done.append(name)
+    return gm
+
+
+def run_graph_pipeline(gm: GraphModule, title: str, sizes: dict[str, int], report: PassReport | None = None) -> GraphModule:
+    """Run the default graph pipeline on one traced step."""
+    done: list[str] = []
+    verify(gm)
+    check_no_jacobians(gm, sizes)  # the VJP ordering must never materialize a d_i x d_j tensor
+    gm = run_pass(gm, "eliminate_common_subexpressions", title, done, report)  # merges repeated forwards
+    gm = run_pass(gm, "eliminate_dead_code", title, done, report)  # after CSE: drops what merging orphaned
+    return gm
+
+
+__all__ = [
+    "GRAPH_PASSES",
+    "PROGRAM_PASSES",
+    "PassReport",
+    "check_no_jacobians",
+    "eliminate_common_subexpressions",
+    "eliminate_dead_code",
+    "enumerate_paths",
+    "order_vjps",
+    "run_graph_pipeline",
+    "run_pass",
+    "run_program_passes",
+]

@@ -1,0 +1,55 @@
+"""Pass: merge nodes that compute the same pure function of the same inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+
+def _key(arg: Any) -> Any:
+    if isinstance(arg, Node):
+        return ("node", arg.name)
+    if isinstance(arg, (list, tuple)):
+        return (type(arg).__name__, tuple(_key(a) for a in arg))
+    if isinstance(arg, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in arg.items())))
+    if isinstance(arg, float):
+        return ("float", repr(arg))  # 0.0 and -0.0 differ; NaN equals itself here
+    if isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return ("torch", str(arg))
+    return (type(arg).__name__, arg)
+
+
+def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
+    """Replace each pure node by an earlier node with the same target and arguments.
+
+    Shared path suffixes planned by ``order_vjps`` are already computed once; this
+    catches what the plan cannot see (e.g. the same forward evaluated by two rules).
+
+    Requires: a verified step graph.
+    Ensures: no two pure call_function nodes have equal (target, args, kwargs).
+
+    Before/after::
+
+        %a = aten.mul(%x, %y)        %a = aten.mul(%x, %y)
+        %b = aten.mul(%x, %y)   =>   %c = aten.add(%a, %a)
+        %c = aten.add(%a, %b)
+    """
+    seen: dict[Any, Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.is_impure():
+            continue
+        try:
+            key = (str(node.target), _key(node.args), _key(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+        else:
+            seen[key] = node
+    gm.recompile()
+    return gm
