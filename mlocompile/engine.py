@@ -191,6 +191,7 @@ class Engine:
         if run.window is not None:
             run.window["hypers"].append(self.optimizers[name].hyperparameters())
             run.window["batches"].append(batch)
+            run.window["others"].append(self.fp.read_params())
         update = run.count % cfg.gradient_accumulation == 0
         self._execute(name, batch, update)
         if problem.scheduler is not None and not run.roll_back:
@@ -227,7 +228,7 @@ class Engine:
             snapshot = self._snapshot(name)
             run.cache = snapshot if run.roll_back else None
             if problem.config.type == "itd":
-                run.window = {**snapshot, "hypers": [], "batches": []}
+                run.window = {**snapshot, "hypers": [], "batches": [], "others": []}
 
     def _snapshot(self, name: str) -> dict[str, Any]:
         # NOTE: steps are pure (new tensors each step), so params/state alias safely;
@@ -311,7 +312,8 @@ class Engine:
         snap = self._snapshot(name)
         k = self.program.problems[name].config.unroll_steps
         hyper = self.optimizers[name].hyperparameters()
-        return {**snap, "hypers": [hyper] * k, "batches": [self._current_batch(name)] * k}
+        others = self.fp.read_params()
+        return {**snap, "hypers": [hyper] * k, "batches": [self._current_batch(name)] * k, "others": [others] * k}
 
     def _check_program(self) -> None:
         """Check, before the first step, that every declared dependency is used by a loss."""

@@ -22,13 +22,14 @@ from mlocompile.optim import FunctionalOptimizer, StateDict
 
 @dataclass
 class Window:
-    """What ``itd`` replays: ``curr``'s state at the unroll start and each step's batch."""
+    """What ``itd`` replays: ``curr``'s state at the unroll start; per step: hyperparameters, batch, all parameters."""
 
     params: Params
     buffers: Params
     opt_state: StateDict
     hypers: list[dict[str, Tensor]]
     batches: list[Any]
+    others: list[ProgramParams]
 
 
 @dataclass
@@ -132,19 +133,29 @@ def cg_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
 
 @register_vjp("itd")
 def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
-    """Reverse mode through ``curr``'s replayed optimizer updates since its unroll start."""
+    """Reverse mode through ``curr``'s replayed optimizer updates since its unroll start.
+
+    The replay uses each step's recorded parameters of every other problem, so it
+    reproduces the actual trajectory exactly; ``prev``'s recorded values enter as
+    ``recorded + (λ − stop_grad(λ))``, which keeps the values and lets the
+    derivative with respect to the current ``λ`` flow through every step.
+    """
     window = env.windows[curr]
     opt = env.optimizers[curr]
     problem = env.fp.problems[curr]
     init_from = env.init_sources.get(curr)
 
     def unroll(lam: Params) -> Params:
-        params = with_params(env.params, prev, lam)
-        w = params[init_from] if init_from is not None else window.params
+        delta = {k: t - t.detach() for k, t in lam.items()}
+        w = window.params
+        if init_from == prev:
+            w = {k: t + delta[k] for k, t in w.items()}
         state = window.opt_state
-        for hyper, batch in zip(window.hypers, window.batches):
+        for hyper, batch, recorded in zip(window.hypers, window.batches, window.others):
+            shifted = {k: t + delta[k] for k, t in recorded[prev].items()}
+            params = with_params(recorded, prev, shifted)
 
-            def loss(w_: Params, batch: Any = batch) -> Tensor:
+            def loss(w_: Params, batch: Any = batch, params: ProgramParams = params) -> Tensor:
                 return env.fp.loss(curr, with_params(params, curr, w_), window.buffers, batch)[0]
 
             grads = torch.func.grad(loss)(w)

@@ -1,0 +1,319 @@
+"""Functional optimizers lowered from the user's ``torch.optim`` objects.
+
+A :class:`FunctionalOptimizer` turns one ``torch.optim`` optimizer into a pure update
+rule ``(params, grads, state, hyper) -> (params, state)`` that traces with ``make_fx``,
+is differentiable w.r.t. params and grads (iterative differentiation), and matches the
+single-tensor ``torch.optim`` kernels to fp64 round-off. Hyperparameters are read from
+``param_groups`` at every call, so LR schedulers work without retracing; state is read
+from and written back to ``optimizer.state`` so checkpoints and a later eager
+``optimizer.step()`` continue seamlessly.
+
+Exactness notes: ``x.add(y, alpha=a)`` and ``x.addcmul(y, z, value=a)`` use a fused
+multiply-add on CPU, which ``torch.addcmul(x, y, a_tensor)`` /
+``torch.addcmul(x, a * y, z)`` reproduce bit for bit while taking ``a`` as a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlocompile.errors import ProgramError
+
+StateDict = dict[str, dict[str, Tensor]]
+
+SUPPORTED = "SGD (momentum, dampening, nesterov, weight_decay, maximize), Adam, AdamW (weight_decay, amsgrad, maximize)"
+_KINDS: dict[type, str] = {
+    torch.optim.SGD: "sgd",
+    torch.optim.Adam: "adam",
+    torch.optim.AdamW: "adamw",
+}
+
+
+@dataclass(frozen=True)
+class _GroupFlags:
+    """Structural choices of one param group: each one changes the traced graph."""
+
+    maximize: bool
+    weight_decay: bool  # weight_decay != 0
+    momentum: bool = False  # SGD: momentum != 0
+    nesterov: bool = False
+    amsgrad: bool = False
+    decoupled: bool = False  # Adam(W): decoupled weight decay
+
+
+class FunctionalOptimizer:
+    """Pure, differentiable, traceable update rule mirroring one torch.optim optimizer.
+
+    Attributes:
+        kind: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        optimizer: The user's optimizer; hyperparameters and state live there.
+        named_params: Parameter name -> the parameter the optimizer holds.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter]) -> None:
+        """Check the optimizer is supported and map every parameter to its group.
+
+        Raises:
+            ProgramError: The optimizer class is unsupported, a parameter is complex, or
+                the optimizer's parameters and ``named_params`` differ.
+        """
+        name = type(optimizer).__name__
+        if type(optimizer) not in _KINDS:
+            raise ProgramError(
+                f"optimizer {name} cannot be lowered to a functional update; supported: "
+                f"{SUPPORTED}; use one of these for this problem"
+            )
+        self.kind = _KINDS[type(optimizer)]
+        self.optimizer = optimizer
+        self.named_params = dict(named_params)
+        self._group_of = _match_params(optimizer, self.named_params)
+        for pname, p in self.named_params.items():
+            if p.is_complex():
+                raise ProgramError(
+                    f"optimizer {name}: parameter {pname!r} is complex ({p.dtype}); "
+                    "only real floating-point parameters are supported"
+                )
+        # torch's SGD keeps no step counter; remember ours so read/write round-trips.
+        self._sgd_steps: dict[str, float] = {}
+
+    def _flags(self, i: int) -> _GroupFlags:
+        g = self.optimizer.param_groups[i]
+        if self.kind == "sgd":
+            return _GroupFlags(
+                maximize=bool(g["maximize"]),
+                weight_decay=float(g["weight_decay"]) != 0,
+                momentum=float(g["momentum"]) != 0,
+                nesterov=bool(g["nesterov"]),
+            )
+        return _GroupFlags(
+            maximize=bool(g["maximize"]),
+            weight_decay=float(g["weight_decay"]) != 0,
+            amsgrad=bool(g["amsgrad"]),
+            decoupled=bool(g.get("decoupled_weight_decay", self.kind == "adamw")),
+        )
+
+    def signature(self) -> tuple[Any, ...]:
+        """Return the hashable structure of the update; a change means a retrace."""
+        groups = tuple(self._flags(i) for i in range(len(self.optimizer.param_groups)))
+        return (self.kind, groups, tuple(self._group_of.items()))
+
+    def hyperparameters(self) -> dict[str, Tensor]:
+        """Read the numeric hyperparameters now, as 0-dim float64 tensors keyed ``"i.name"``."""
+        out: dict[str, Tensor] = {}
+        for i, g in enumerate(self.optimizer.param_groups):
+            if self.kind == "sgd":
+                values = {k: g[k] for k in ("lr", "momentum", "dampening", "weight_decay")}
+            else:
+                beta1, beta2 = g["betas"]
+                values = {
+                    "lr": g["lr"],
+                    "beta1": beta1,
+                    "beta2": beta2,
+                    "eps": g["eps"],
+                    "weight_decay": g["weight_decay"],
+                }
+            for k, v in values.items():
+                out[f"{i}.{k}"] = torch.tensor(float(v), dtype=torch.float64)
+        return out
+
+    def read_state(self) -> StateDict:
+        """Return each parameter's state, zero-initialised where torch has none yet.
+
+        The returned tensors may alias ``optimizer.state``; treat them as read-only.
+        Every entry has ``"step"``, a 0-dim float64 tensor (0 = never stepped).
+        """
+        out: StateDict = {}
+        for name, p in self.named_params.items():
+            st = self.optimizer.state.get(p, {})  # .get: never create empty entries
+            if self.kind == "sgd":
+                s: dict[str, Tensor] = {}
+                step = self._sgd_steps.get(name, 0.0)
+                if self._flags(self._group_of[name]).momentum:
+                    buf = st.get("momentum_buffer")
+                    # step == 0 selects torch's "buf = grad" first-step branch.
+                    step = 0.0 if buf is None else max(step, 1.0)
+                    s["momentum_buffer"] = torch.zeros_like(p) if buf is None else buf
+            else:
+                step = float(st["step"]) if "step" in st else 0.0
+                keys = ["exp_avg", "exp_avg_sq"]
+                if self._flags(self._group_of[name]).amsgrad:
+                    keys.append("max_exp_avg_sq")
+                s = {k: st[k] if k in st else torch.zeros_like(p) for k in keys}
+            s["step"] = torch.tensor(step, dtype=torch.float64)
+            out[name] = s
+        return out
+
+    def write_state(self, state: StateDict) -> None:
+        """Store ``state`` into ``optimizer.state`` exactly as torch.optim would hold it.
+
+        Tensors are stored detached but not copied, so a later eager
+        ``optimizer.step()`` updates them in place.
+        """
+        for name, s in state.items():
+            p = self.named_params[name]
+            group = self.optimizer.param_groups[self._group_of[name]]
+            step = float(s["step"])
+            if self.kind == "sgd":
+                self._sgd_steps[name] = step
+                if float(group["momentum"]) != 0 and step > 0:
+                    self.optimizer.state[p]["momentum_buffer"] = s["momentum_buffer"].detach()
+                continue
+            if step == 0:  # never stepped: torch has no state for it either
+                continue
+            st = self.optimizer.state[p]
+            fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
+            st["step"] = torch.tensor(
+                step,
+                dtype=_scalar_dtype(fused),
+                device=p.device if fused or capturable else "cpu",
+            )
+            for k, v in s.items():
+                if k != "step":
+                    st[k] = v.detach()
+
+    def update(
+        self,
+        params: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        state: StateDict,
+        hyper: dict[str, Tensor],
+    ) -> tuple[dict[str, Tensor], StateDict]:
+        """Apply one optimizer step purely: no in-place ops, no branches on tensor values.
+
+        A parameter missing from ``grads`` is skipped (param and state unchanged), as
+        torch.optim skips parameters whose ``.grad`` is None.
+
+        Args:
+            params: Parameter name -> current value (any subset of ``named_params``).
+            grads: Parameter name -> gradient of the loss.
+            state: As returned by :meth:`read_state` or a previous :meth:`update`.
+            hyper: As returned by :meth:`hyperparameters`.
+
+        Returns:
+            The new parameters and the new state, keyed like the inputs.
+        """
+        new_params: dict[str, Tensor] = {}
+        new_state: StateDict = {}
+        for name, param in params.items():
+            grad = grads.get(name)
+            if grad is None:
+                new_params[name], new_state[name] = param, state[name]
+                continue
+            i = self._group_of[name]
+            h = {k.split(".", 1)[1]: v for k, v in hyper.items() if k.startswith(f"{i}.")}
+            rule = _sgd_update if self.kind == "sgd" else _adam_update
+            new_params[name], new_state[name] = rule(param, grad, state[name], h, self._flags(i))
+        return new_params, new_state
+
+
+def lower_optimizer(
+    optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter]
+) -> FunctionalOptimizer:
+    """Lower a user's torch.optim optimizer to a :class:`FunctionalOptimizer`.
+
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are ignored: they
+    change how torch computes the step, not what it computes.
+
+    Raises:
+        ProgramError: Unsupported optimizer class (the message lists the supported set)
+            or parameters that differ between ``optimizer`` and ``named_params``.
+    """
+    return FunctionalOptimizer(optimizer, named_params)
+
+
+# Scalars are computed in float64 (torch's Python-float arithmetic), then cast to the
+# param dtype at the point of use, as torch casts a Python scalar argument; without the
+# cast, a 0-dim float32 param would be promoted to float64 by a 0-dim float64 scalar.
+
+
+def _sgd_update(
+    param: Tensor, grad: Tensor, st: dict[str, Tensor], h: dict[str, Tensor], f: _GroupFlags
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mirror ``torch.optim.sgd._single_tensor_sgd`` for one parameter."""
+    out = {"step": st["step"] + 1}
+    dt = param.dtype
+    if f.maximize:
+        grad = -grad
+    if f.weight_decay:
+        grad = torch.addcmul(grad, param, h["weight_decay"].to(dt))
+    if f.momentum:
+        m = h["momentum"].to(dt)
+        running = torch.addcmul(st["momentum_buffer"] * m, grad, (1 - h["dampening"]).to(dt))
+        first = (st["step"] == 0).to(param.device)
+        buf = torch.where(first, grad, running)  # torch: buf = grad on the first step
+        out["momentum_buffer"] = buf
+        grad = torch.addcmul(grad, buf, m) if f.nesterov else buf
+    return torch.addcmul(param, grad, (-h["lr"]).to(dt)), out
+
+
+def _adam_update(
+    param: Tensor, grad: Tensor, st: dict[str, Tensor], h: dict[str, Tensor], f: _GroupFlags
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mirror ``torch.optim.adam._single_tensor_adam`` (non-capturable) for one parameter."""
+    step = st["step"] + 1
+    lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
+    dt = param.dtype
+    if f.maximize:
+        grad = -grad
+    if f.weight_decay:
+        if f.decoupled:
+            param = param * (1 - lr * h["weight_decay"]).to(dt)
+        else:
+            grad = torch.addcmul(grad, param, h["weight_decay"].to(dt))
+    weight1 = (1 - beta1).to(dtype=dt, device=param.device)  # lerp: same dtype and device
+    exp_avg = torch.lerp(st["exp_avg"], grad, weight1)
+    exp_avg_sq = torch.addcmul(st["exp_avg_sq"] * beta2.to(dt), (1 - beta2).to(dt) * grad, grad)
+    out = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    step_size = lr / (1 - beta1**step)
+    bias_correction2 = 1 - beta2**step
+    # libm pow, like torch's Python `bias_correction2**0.5`; a scalar 0.5 exponent
+    # dispatches to sqrt, which differs in the last bit for some steps.
+    bias_correction2_sqrt = bias_correction2 ** torch.full_like(bias_correction2, 0.5)
+    second = exp_avg_sq
+    if f.amsgrad:
+        second = out["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], exp_avg_sq)
+    denom = second.sqrt() / bias_correction2_sqrt.to(dt) + h["eps"].to(dt)
+    # torch: param.addcdiv_(exp_avg, denom, value=-step_size) == param + (v * t1) / t2
+    return param + (-step_size).to(dt) * exp_avg / denom, out
+
+
+def _scalar_dtype(fused: bool) -> torch.dtype:
+    """Return the dtype torch.optim stores ``step`` in (``optimizer._get_scalar_dtype``)."""
+    if fused or torch.get_default_dtype() != torch.float64:
+        return torch.float32
+    return torch.float64
+
+
+def _match_params(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
+    """Map each parameter name to the index of the param group holding it."""
+    cls = type(optimizer).__name__
+    name_of: dict[int, str] = {}
+    for name, p in named_params.items():
+        if id(p) in name_of:
+            raise ProgramError(
+                f"optimizer {cls}: named_params {name_of[id(p)]!r} and {name!r} are the "
+                "same tensor; pass each parameter once (e.g. module.named_parameters())"
+            )
+        name_of[id(p)] = name
+    group_of: dict[str, int] = {}
+    unknown: list[str] = []
+    for i, group in enumerate(optimizer.param_groups):
+        for j, p in enumerate(group["params"]):
+            if id(p) in name_of:
+                group_of[name_of[id(p)]] = i
+            else:
+                unknown.append(f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)})")
+    missing = [n for n in named_params if n not in group_of]
+    if unknown or missing:
+        raise ProgramError(
+            f"optimizer {cls} and the problem's parameters differ: in the optimizer but "
+            f"not named: {', '.join(unknown) or 'none'}; named but not in the optimizer: "
+            f"{', '.join(map(repr, missing)) or 'none'}; build the optimizer from exactly "
+            "the parameters the problem trains"
+        )
+    # Report in named_params order so signature() does not depend on group layout order.
+    return {n: group_of[n] for n in named_params}
