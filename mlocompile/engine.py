@@ -355,6 +355,18 @@ class Engine:
                 self.executor.traced(StepVariant(name, update), inputs)
         return CompiledProgram(self)
 
+    def gradients(self, name: str, batch: Any = None) -> dict[str, Tensor]:
+        """Return problem ``name``'s full gradient (direct + hypergradients) without stepping.
+
+        Uses the compiled backend, ``batch`` (default: the problem's last batch, or
+        the next one without consuming it) and the lower problems' last batches and
+        unroll windows, exactly as ``name``'s next update would.
+        """
+        self._check_program()
+        batch = self._current_batch(name) if batch is None else batch
+        out = self.executor.run(StepVariant(name, update=False), self.step_inputs(name, batch))
+        return dict(out["acc"])
+
     # -- state ----------------------------------------------------------------------------------
     def optimizer_state(self, name: str) -> StateDict:
         """Return problem ``name``'s optimizer state as the step sees it."""
