@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from mlocompile.functional import FunctionalProgram
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
@@ -66,4 +67,3 @@ class StepExecutor:
     def param_sizes(self) -> dict[str, int]:
         """Flattened trainable-parameter count per problem."""
         return {n: sum(p.numel() for p in prob.trainable_parameters()) for n, prob in self.program.problems.items()}
-

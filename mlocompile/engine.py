@@ -100,14 +100,18 @@ class Engine:
             for other in self.program.problems.values():
                 if other is not problem:
                     if hasattr(type(other), name):
-                        raise ProgramError(f"problem name {name!r} clashes with an attribute of {other.name!r}; rename it")
+                        raise ProgramError(
+                            f"problem name {name!r} clashes with an attribute of {other.name!r}; rename it"
+                        )
                     setattr(other, name, problem)
 
     def _lower(self, problem: Problem) -> FunctionalOptimizer:
         if problem.module is None:
             raise ProgramError(f"problem {problem.name!r} has no module; pass module=... or define configure_module()")
         if problem.optimizer is None:
-            raise ProgramError(f"problem {problem.name!r} has no optimizer; pass optimizer=torch.optim.SGD(...) or similar")
+            raise ProgramError(
+                f"problem {problem.name!r} has no optimizer; pass optimizer=torch.optim.SGD(...) or similar"
+            )
         return lower_optimizer(problem.optimizer, problem.named_trainable_parameters())
 
     # -- public schedule ------------------------------------------------------------------
@@ -164,7 +168,9 @@ class Engine:
             raise ProgramError(f"early_stopping_metric={metric!r} is not in validation()'s result {sorted(stats)}")
         score = float(stats[metric])
         better = self.early_stopping_best is None or (
-            score < self.early_stopping_best if self.config.early_stopping_mode == "min" else score > self.early_stopping_best
+            score < self.early_stopping_best
+            if self.config.early_stopping_mode == "min"
+            else score > self.early_stopping_best
         )
         if better:
             self.early_stopping_best, self.early_stopping_counter = score, 0
@@ -326,7 +332,13 @@ class Engine:
         uses = {n: find_loss_uses(self.fp, n, params, buffers, self._current_batch(n)) for n in self.program.problems}
         for upper, lower in self.program.edges("u2l"):
             init = self.program.problems[lower]._init_source
-            if upper not in uses[lower] and not (init is not None and init.name == upper):
+            via = [
+                tag
+                for tag, hit in (("loss", upper in uses[lower]), ("init", init is not None and init.name == upper))
+                if hit
+            ]
+            self.program.graph.edges[upper, lower, "u2l"]["via"] = "+".join(via) or "none"
+            if not via:
                 raise ProgramError(
                     f"u2l edge {upper} -> {lower}: the training_step of {lower!r} never uses {upper!r}'s parameters, "
                     f"so {upper!r}'s hypergradient would be zero; call self.{upper}(...) in {lower!r}'s loss, "

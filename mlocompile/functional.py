@@ -36,7 +36,10 @@ class FunctionalProgram:
 
     def read_params(self) -> ProgramParams:
         """Return every problem's trainable parameters (detached aliases, no copies)."""
-        return {n: {k: p.detach() for k, p in prob.named_trainable_parameters().items()} for n, prob in self.problems.items()}
+        return {
+            n: {k: p.detach() for k, p in prob.named_trainable_parameters().items()}
+            for n, prob in self.problems.items()
+        }
 
     def read_buffers(self) -> ProgramParams:
         """Return every problem's buffers (aliases, no copies)."""
@@ -45,7 +48,9 @@ class FunctionalProgram:
             for n, prob in self.problems.items()
         }
 
-    def loss(self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return problem ``name``'s scalar loss and its extra logged tensors."""
         flat: dict[str, Tensor] = {}
         for prob, tensors in params.items():

@@ -89,7 +89,7 @@ def _linearized_grad(env: StepEnv, curr: str, prev: str) -> Callable[[Params], t
     """Return ``u -> (H u, ∇²_{λw}L u)`` from one linearization of ``∇_w L``."""
     loss = env.loss_of(curr, prev)
     grad_w = torch.func.grad(loss, argnums=0)
-    _, vjp_fn = torch.func.vjp(grad_w, env.params[curr], env.params[prev])
+    vjp_fn = torch.func.vjp(grad_w, env.params[curr], env.params[prev])[1]
     return vjp_fn  # type: ignore[no-any-return]
 
 
@@ -144,6 +144,7 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     opt = env.optimizers[curr]
     problem = env.fp.problems[curr]
     init_from = env.init_sources.get(curr)
+    buffers = with_params(env.buffers, curr, window.buffers)
 
     def unroll(lam: Params) -> Params:
         delta = {k: t - t.detach() for k, t in lam.items()}
@@ -156,7 +157,7 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
             params = with_params(recorded, prev, shifted)
 
             def loss(w_: Params, batch: Any = batch, params: ProgramParams = params) -> Tensor:
-                return env.fp.loss(curr, with_params(params, curr, w_), window.buffers, batch)[0]
+                return env.fp.loss(curr, with_params(params, curr, w_), buffers, batch)[0]
 
             grads = torch.func.grad(loss)(w)
             if problem.is_implemented("grad_callback"):
@@ -166,7 +167,7 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
                 w = problem.param_callback(w) or w  # type: ignore[attr-defined]
         return w
 
-    _, vjp_fn = torch.func.vjp(unroll, env.params[prev])
+    vjp_fn = torch.func.vjp(unroll, env.params[prev])[1]
     return vjp_fn(v)[0]  # type: ignore[no-any-return]
 
 
@@ -179,7 +180,9 @@ def run_plan(env: StepEnv, upper: str, plan: list, ends: list[int], first: dict[
     for op in plan:
         vec = first[op.curr] if op.source is None else outs[op.source]
         method = env.fp.problems[op.curr].config.type
-        with annotate(problem=upper, role="hypergrad", method=method, edge=f"{op.curr}->{op.prev}", path=f"{upper}.v{op.id}"):
+        with annotate(
+            problem=upper, role="hypergrad", method=method, edge=f"{op.curr}->{op.prev}", path=f"{upper}.v{op.id}"
+        ):
             outs[op.id] = BEST_RESPONSE_VJPS[method](env, op.curr, op.prev, vec)
     total: Params = {}
     for end in ends:

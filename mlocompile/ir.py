@@ -18,6 +18,7 @@ META_KEYS: dict[str, str] = {
     "mlo.role": "trace writes forward|grad|direct|hypergrad|update|callback|io; printer, dot, checkpoint read",
     "mlo.edge": "trace writes 'u2l'/'l2u' + endpoints for nodes inside a best-response product; printer reads",
     "mlo.path": "trace writes the VJP op id (e.g. 'outer.v0') a hypergradient node belongs to; printer reads",
+    "mlo.input": "trace writes the input's path in the step's input tree (params.inner.0.weight); printer reads",
     "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
 }
 ROLES = ("io", "forward", "grad", "direct", "hypergrad", "update", "callback")
@@ -68,11 +69,13 @@ def format_graph(gm: GraphModule, title: str) -> str:
     lines = [f"graph {title}:"]
     for node in gm.graph.nodes:
         tags = " ".join(
-            f"{k[4:]}={node.meta[k]}" for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path") if k in node.meta
+            f"{k[4:]}={node.meta[k]}"
+            for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path")
+            if k in node.meta
         )
         val = _fmt_val(node.meta["val"]) if "val" in node.meta else "-"
         if node.op == "placeholder":
-            body = f"input {node.name}"
+            body = f"input {node.name} = {node.meta.get('mlo.input', '?')}"
         elif node.op == "output":
             body = f"return {_fmt_arg(node.args[0])}"
         elif node.op == "get_attr":

@@ -157,12 +157,15 @@ class FunctionalOptimizer:
             p = self.named_params[name]
             group = self.optimizer.param_groups[self._group_of[name]]
             step = float(s["step"])
+            if step == 0:
+                # never stepped (e.g. a restored snapshot): torch holds no state for it
+                self.optimizer.state.pop(p, None)
+                self._sgd_steps.pop(name, None)
+                continue
             if self.kind == "sgd":
                 self._sgd_steps[name] = step
-                if float(group["momentum"]) != 0 and step > 0:
+                if float(group["momentum"]) != 0:
                     self.optimizer.state[p]["momentum_buffer"] = s["momentum_buffer"].detach()
-                continue
-            if step == 0:  # never stepped: torch has no state for it either
                 continue
             st = self.optimizer.state[p]
             fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))

@@ -87,20 +87,24 @@ class ProgramGraph:
             for u, v in self.edges(kind):
                 tag = self.graph.edges[u, v, kind].get("via", "loss")
                 lines.append(f"  edge {kind} {u} -> {v} via={tag}")
-        for upper, paths in self.paths.items():
+        for paths in self.paths.values():
             for path in paths:
                 lines.append(f"  path {path}")
         for upper, plan in self.plans.items():
             for op in plan:
                 src = "dC/d" + op.curr if op.source is None else f"v{op.source}"
-                lines.append(f"  vjp {upper}.v{op.id} = vjp[{op.curr} ({self.problems[op.curr].config.type})]({src}) -> d/d{op.prev}")
+                lines.append(
+                    f"  vjp {upper}.v{op.id} = vjp[{op.curr} ({self.problems[op.curr].config.type})]({src}) -> d/d{op.prev}"
+                )
         return "\n".join(lines)
 
 
 def _as_name(item: Any, where: str, problems: Mapping[str, Problem]) -> str:
     name = item.name if isinstance(item, Problem) else item
     if not isinstance(name, str) or name not in problems:
-        raise ProgramError(f"{where}: {item!r} is not one of the engine's problems {sorted(problems)}; add it to problems=[...]")
+        raise ProgramError(
+            f"{where}: {item!r} is not one of the engine's problems {sorted(problems)}; add it to problems=[...]"
+        )
     if isinstance(item, Problem) and problems[name] is not item:
         raise ProgramError(f"{where}: a different problem object is named {name!r}; problem names must be unique")
     return name

@@ -24,6 +24,7 @@ class FlatInputs:
     spec: pytree.TreeSpec
     statics: tuple[Any, ...]
     slots: tuple[bool, ...]
+    names: tuple[str, ...] = ()
 
     def key(self) -> tuple[Any, ...]:
         """Return what decides whether a traced graph can be reused for these inputs."""
@@ -33,15 +34,27 @@ class FlatInputs:
 
 def flatten_inputs(inputs: dict[str, Any]) -> FlatInputs:
     """Split a step's input pytree into tensors (graph inputs) and static leaves."""
-    leaves, spec = pytree.tree_flatten(inputs)
+    with_paths, spec = pytree.tree_flatten_with_path(inputs)
+    leaves = [x for _, x in with_paths]
+    names = tuple(_path_name(path) for path, x in with_paths if isinstance(x, torch.Tensor))
     slots = tuple(isinstance(x, torch.Tensor) for x in leaves)
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     statics = tuple(x for x in leaves if not isinstance(x, torch.Tensor))
     try:
         hash(statics)
     except TypeError as exc:
-        raise TraceError(f"a batch holds an unhashable non-tensor value ({exc}); batches may hold tensors, numbers and strings") from None
-    return FlatInputs(tensors, spec, statics, slots)
+        raise TraceError(
+            f"a batch holds an unhashable non-tensor value ({exc}); batches may hold tensors, numbers and strings"
+        ) from None
+    return FlatInputs(tensors, spec, statics, slots, names)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    parts = []
+    for entry in path:
+        key = getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
+        parts.append(str(key))
+    return ".".join(parts)
 
 
 def unflatten_inputs(flat: FlatInputs, tensors: list[torch.Tensor]) -> dict[str, Any]:
@@ -91,6 +104,9 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
             ) from exc
         raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
     adopt_annotations(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, flat.names):
+        node.meta["mlo.input"] = name
     return TracedStep(gm=gm, out_spec=holder["spec"], title=title)
 
 

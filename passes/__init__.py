@@ -81,7 +81,9 @@ def run_pass(gm: GraphModule, name: str, title: str, done: list[str], report: Pa
     return gm
 
 
-def run_graph_pipeline(gm: GraphModule, title: str, sizes: dict[str, int], report: PassReport | None = None) -> GraphModule:
+def run_graph_pipeline(
+    gm: GraphModule, title: str, sizes: dict[str, int], report: PassReport | None = None
+) -> GraphModule:
     """Run the default graph pipeline on one traced step."""
     done: list[str] = []
     verify(gm)

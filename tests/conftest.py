@@ -25,6 +25,8 @@ def golden(request):
             return
         assert path.exists(), f"missing golden file {path}; run pytest --update-golden and review the diff"
         expected = path.read_text()
-        assert text == expected, f"{path} differs; if the change is intended, run pytest --update-golden and review the diff"
+        assert text == expected, (
+            f"{path} differs; if the change is intended, run pytest --update-golden and review the diff"
+        )
 
     return check

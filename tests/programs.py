@@ -40,8 +40,12 @@ def mwn_engine(method: str = "darts", backend: str = "fx", unroll: int = 1, seed
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     wnet = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
     cfg = mlo.Config(type=method, unroll_steps=unroll, neumann_iterations=2, neumann_alpha=0.1, cg_iterations=2)
-    inner = Reweighted("inner", cfg, net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), train_data_loader=mwn_data(seed))
-    outer = Meta("outer", mlo.Config(), wnet, torch.optim.Adam(wnet.parameters(), lr=1e-2), train_data_loader=mwn_data(seed + 1))
+    inner = Reweighted(
+        "inner", cfg, net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), train_data_loader=mwn_data(seed)
+    )
+    outer = Meta(
+        "outer", mlo.Config(), wnet, torch.optim.Adam(wnet.parameters(), lr=1e-2), train_data_loader=mwn_data(seed + 1)
+    )
     config = mlo.EngineConfig(compile=backend, **engine_kw)
     return mlo.Engine([outer, inner], config, {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
 
@@ -67,9 +71,16 @@ def chain_engine(method: str = "darts", backend: str = "fx", levels: int = 3):
     names = [f"p{i}" for i in range(levels)]
     probs = []
     for i, name in enumerate(names):
-        cls = type(f"P{i}", (Chain,), {"uses": tuple(n for n in (names[i - 1] if i else None, names[i + 1] if i + 1 < levels else None) if n)})
+        cls = type(
+            f"P{i}",
+            (Chain,),
+            {"uses": tuple(n for n in (names[i - 1] if i else None, names[i + 1] if i + 1 < levels else None) if n)},
+        )
         mod = nn.Linear(3, 2)
         cfg = mlo.Config(type=method, neumann_iterations=2, neumann_alpha=0.1, cg_iterations=2)
         probs.append(cls(name, cfg, mod, torch.optim.SGD(mod.parameters(), lr=0.05), train_data_loader=[(x, t)]))
-    deps = {"u2l": {probs[i + 1]: [probs[i]] for i in range(levels - 1)}, "l2u": {probs[i]: [probs[i + 1]] for i in range(levels - 1)}}
+    deps = {
+        "u2l": {probs[i + 1]: [probs[i]] for i in range(levels - 1)},
+        "l2u": {probs[i]: [probs[i + 1]] for i in range(levels - 1)},
+    }
     return mlo.Engine(probs, mlo.EngineConfig(compile=backend), deps)

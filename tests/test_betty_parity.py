@@ -354,12 +354,6 @@ def test_meta_weight_net(case: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="mlocompile bug: restoring the roll-back snapshot taken before the lower's first optimizer step "
-    "does not clear the optimizer state (FunctionalOptimizer.write_state skips step == 0 entries), so the "
-    "first redo step uses the stale SGD momentum buffer; Betty (optimizer.load_state_dict) clears it",
-)
 def test_meta_weight_net_roll_back(backend: str) -> None:
     assert_parity(mwn_program({"type": "darts"}), backend, roll_back=True)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from programs import chain_engine, mwn_engine
 
 import mlocompile as mlo
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs
-from programs import chain_engine, mwn_engine
 
 METHODS = ["darts", "neumann", "cg", "itd"]
 
@@ -22,7 +22,9 @@ def float64():
 
 
 def _params(engine):
-    return torch.cat([p.detach().flatten() for prob in engine.program.problems.values() for p in prob.module.parameters()])
+    return torch.cat(
+        [p.detach().flatten() for prob in engine.program.problems.values() for p in prob.module.parameters()]
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -62,7 +64,15 @@ def test_ir_is_deterministic():
 
 def test_ir_annotations_cover_every_role():
     ir = mlo.compile(mwn_engine("neumann")).ir
-    for tag in ("role=forward", "role=grad", "role=hypergrad", "role=update", "method=neumann", "edge=inner->outer", "path=outer.v0"):
+    for tag in (
+        "role=forward",
+        "role=grad",
+        "role=hypergrad",
+        "role=update",
+        "method=neumann",
+        "edge=inner->outer",
+        "path=outer.v0",
+    ):
         assert tag in ir
     assert "graph step_outer:" in ir and "graph step_inner:" in ir
 

@@ -67,8 +67,12 @@ class RidgeOuter(mlo.ImplicitProblem):
 def ridge_engine(config: mlo.Config, backend: str, w0: torch.Tensor, inner_batches, outer_lr: float = 1.0):
     X, y, Xv, yv, lam = ridge_data()
     wmod, hmod = Vec(w0), Vec(lam)
-    inner = RidgeInner("inner", config, wmod, torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9), train_data_loader=inner_batches)
-    outer = RidgeOuter("outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=outer_lr), train_data_loader=[(Xv, yv)])
+    inner = RidgeInner(
+        "inner", config, wmod, torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9), train_data_loader=inner_batches
+    )
+    outer = RidgeOuter(
+        "outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=outer_lr), train_data_loader=[(Xv, yv)]
+    )
     deps = {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
     return mlo.Engine([outer, inner], mlo.EngineConfig(compile=backend), deps), wmod, hmod
 
@@ -84,8 +88,11 @@ def ridge_closed_form():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "config",
-    [mlo.Config(type="cg", cg_iterations=D), mlo.Config(type="cg", cg_iterations=D, cg_alpha=0.3),
-     mlo.Config(type="neumann", neumann_iterations=600, neumann_alpha=0.25)],
+    [
+        mlo.Config(type="cg", cg_iterations=D),
+        mlo.Config(type="cg", cg_iterations=D, cg_alpha=0.3),
+        mlo.Config(type="neumann", neumann_iterations=600, neumann_alpha=0.25),
+    ],
     ids=["cg", "cg_alpha0.3", "neumann"],
 )
 def test_ridge_closed_form(config, backend):
@@ -135,9 +142,19 @@ def test_darts_nonquadratic_matches_autograd(backend):
     torch.manual_seed(0)
     x, t = torch.randn(32, 4), (torch.rand(32) > 0.5).double()
     net, wnet = nn.Linear(4, 1), nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
-    inner = LogisticInner("inner", mlo.Config(darts_alpha=1e-4), net, torch.optim.SGD(net.parameters(), lr=0.1), train_data_loader=[(x, t)])
-    outer = LogisticOuter("outer", mlo.Config(), wnet, torch.optim.SGD(wnet.parameters(), lr=0.1), train_data_loader=[(x[:16], t[:16])])
-    engine = mlo.Engine([outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+    inner = LogisticInner(
+        "inner",
+        mlo.Config(darts_alpha=1e-4),
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        train_data_loader=[(x, t)],
+    )
+    outer = LogisticOuter(
+        "outer", mlo.Config(), wnet, torch.optim.SGD(wnet.parameters(), lr=0.1), train_data_loader=[(x[:16], t[:16])]
+    )
+    engine = mlo.Engine(
+        [outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
+    )
     got = engine.gradients("outer")
     # independent: v = dC/dw, then −∂/∂λ (∇_w L · v) by double backward
     w, lam = list(net.parameters()), list(wnet.parameters())
@@ -192,15 +209,25 @@ def test_itd_differentiates_through_initialisation(backend):
     """MAML-style: the inner starts each window from the upper's parameters (a u2l init edge)."""
     X, y, Xv, yv, lam = ridge_data()
     wmod, hmod = Vec(torch.zeros(D)), Vec(lam)
-    inner = MamlInner("inner", mlo.Config(type="itd", unroll_steps=K), wmod, torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9), train_data_loader=itd_batches())
-    outer = RidgeOuter("outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=1.0), train_data_loader=[(Xv, yv)])
-    engine = mlo.Engine([outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+    inner = MamlInner(
+        "inner",
+        mlo.Config(type="itd", unroll_steps=K),
+        wmod,
+        torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9),
+        train_data_loader=itd_batches(),
+    )
+    outer = RidgeOuter(
+        "outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=1.0), train_data_loader=[(Xv, yv)]
+    )
+    engine = mlo.Engine(
+        [outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
+    )
     lam_before = hmod.p.detach().clone()
     for _ in range(K):
         engine.train_step()
     expected = hand_unrolled_hypergradient(None, lam_before, itd_batches(), Xv, yv, init_from_lam=True)
     torch.testing.assert_close(lam_before - hmod.p.detach(), expected, rtol=1e-10, atol=1e-13)
-    assert "edge u2l outer -> inner" in engine.compile().ir
+    assert "edge u2l outer -> inner via=loss+init" in engine.compile().ir
 
 
 # --- three levels: every method against explicit matrices / hand-unrolled updates -----------------
@@ -243,7 +270,10 @@ def three_level_engine(method: str, backend: str, lr: float = 0.05):
         n: cls(n, cfg, mods[n], torch.optim.SGD(mods[n].parameters(), lr=lr), train_data_loader=dummy)
         for n, cls in (("A", A), ("B", B), ("C", C))
     }
-    deps = {"u2l": {probs["C"]: [probs["B"], probs["A"]], probs["B"]: [probs["A"]]}, "l2u": {probs["A"]: [probs["B"]], probs["B"]: [probs["C"]]}}
+    deps = {
+        "u2l": {probs["C"]: [probs["B"], probs["A"]], probs["B"]: [probs["A"]]},
+        "l2u": {probs["A"]: [probs["B"]], probs["B"]: [probs["C"]]},
+    }
     engine = mlo.Engine(list(probs.values()), mlo.EngineConfig(compile=backend), deps)
     return engine, mods
 
@@ -256,7 +286,9 @@ def _grad(f, x, create_graph=False):
 def reference_br(method: str, loss, x, prev, u):
     """(∂x*/∂prev)ᵀ u for loss(x, prev) with explicit matrices (independent of the library)."""
     H = torch.autograd.functional.hessian(lambda x_: loss(x_, prev), x)
-    J = torch.autograd.functional.jacobian(lambda p_: torch.autograd.functional.jacobian(lambda x_: loss(x_, p_), x, create_graph=True), prev)
+    J = torch.autograd.functional.jacobian(
+        lambda p_: torch.autograd.functional.jacobian(lambda x_: loss(x_, p_), x, create_graph=True), prev
+    )
     # J[i, j] = ∂²L/∂x_i∂prev_j
     if method == "cg":
         return -J.T @ torch.linalg.solve(H, u)

@@ -375,3 +375,20 @@ def test_param_without_grad_is_skipped_like_torch() -> None:
     run_functional(lower_optimizer(opt_b, params_b), params_b, partial)
     assert_params_equal(params_a, params_b)
     assert_state_dicts_equal(opt_a.state_dict(), opt_b.state_dict())
+
+
+@pytest.mark.parametrize(
+    "make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.Adam(p, lr=0.1)]
+)
+def test_writing_back_a_never_stepped_state_clears_it(make):
+    """Restoring a snapshot from before the first step must leave no state (as load_state_dict does)."""
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = make([p])
+    fo = lower_optimizer(opt, {"p": p})
+    s0 = fo.read_state()
+    _, s1 = fo.update({"p": p.detach()}, {"p": torch.ones(2, dtype=torch.float64)}, s0, fo.hyperparameters())
+    fo.write_state(s1)
+    assert opt.state[p]
+    fo.write_state(s0)
+    assert not opt.state.get(p)
+    assert float(fo.read_state()["p"]["step"]) == 0.0

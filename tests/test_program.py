@@ -8,12 +8,12 @@ import random
 import networkx as nx
 import pytest
 import torch
+from programs import Meta, Reweighted, chain_engine, mwn_data, mwn_engine
 from torch import nn
 
 import mlocompile as mlo
 from mlocompile.program import build_program
 from passes import enumerate_paths, order_vjps, run_program_passes
-from programs import Meta, Reweighted, chain_engine, mwn_data, mwn_engine
 
 
 class Plain(mlo.ImplicitProblem):
@@ -74,7 +74,11 @@ def test_paths_match_brute_force_on_random_dags(seed):
     reach = nx.DiGraph(l2u)
     reach.add_nodes_from(names)
     # a u2l edge needs an l2u path back, so only draw u2l edges where one exists
-    u2l = [(names[j], names[i]) for i, j in itertools.combinations(range(n), 2) if nx.has_path(reach, names[i], names[j]) and rng.random() < 0.6]
+    u2l = [
+        (names[j], names[i])
+        for i, j in itertools.combinations(range(n), 2)
+        if nx.has_path(reach, names[i], names[j]) and rng.random() < 0.6
+    ]
     probs = {nm: make(nm) for nm in names}
     deps = {"u2l": {}, "l2u": {}}
     for s, d in l2u:
@@ -98,7 +102,9 @@ def test_cycle_is_an_error():
 
 def test_u2l_without_path_back():
     a, b = make("a"), make("b")
-    with pytest.raises(mlo.ProgramError, match=r"u2l edge b -> a has no l2u path back from a to b.*\"l2u\": \{a: \[b\]\}"):
+    with pytest.raises(
+        mlo.ProgramError, match=r"u2l edge b -> a has no l2u path back from a to b.*\"l2u\": \{a: \[b\]\}"
+    ):
         mlo.Engine([a, b], dependencies={"u2l": {b: [a]}, "l2u": {}})
 
 
@@ -144,7 +150,9 @@ def test_loss_that_never_uses_a_declared_dependency():
     inner = IgnoresOuter("inner", None, net, torch.optim.SGD(net.parameters(), lr=0.1), train_data_loader=mwn_data())
     outer = Meta("outer", None, wnet, torch.optim.SGD(wnet.parameters(), lr=0.1), train_data_loader=mwn_data())
     engine = mlo.Engine([outer, inner], dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
-    with pytest.raises(mlo.ProgramError, match=r"u2l edge outer -> inner: the training_step of 'inner' never uses 'outer'"):
+    with pytest.raises(
+        mlo.ProgramError, match=r"u2l edge outer -> inner: the training_step of 'inner' never uses 'outer'"
+    ):
         engine.train_step()
 
 
