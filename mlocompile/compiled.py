@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch.fx import GraphModule
 
@@ -46,6 +46,24 @@ class CompiledProgram:
             body = gm.code.replace("def forward(self,", f"def {title}(self,", 1)
             chunks.append(f"# ---- {title} ----{body}")
         return "\n".join(chunks)
+
+    def to_dot(self, kind: str = "program") -> str:
+        """Graphviz DOT text: ``"program"`` (problems, u2l red, l2u green, paths) or ``"step"``."""
+        from mlocompile.viz import to_dot
+
+        return to_dot(self, kind)
+
+    def render(self, path: str, kind: str = "program") -> str:
+        """Render a diagram to ``path`` (format from its extension: .svg, .png, .pdf, .dot)."""
+        from mlocompile.viz import render
+
+        return render(self, path, kind)
+
+    def cost(self) -> Any:
+        """Static per-step estimates: FLOPs, peak memory, and symbolic forms per method."""
+        from mlocompile.cost import estimate_cost
+
+        return estimate_cost(self)
 
     def report(self) -> PassReport:
         """Per pass and graph: nodes before/after and time spent."""

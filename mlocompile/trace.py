@@ -74,7 +74,7 @@ class TracedStep:
     runner: Any = None  # what executes: ``gm`` itself, or its inductor-compiled form
 
     def __call__(self, flat: FlatInputs) -> dict[str, Any]:
-        outs = (self.runner or self.gm)(*flat.tensors)
+        outs = (self.gm if self.runner is None else self.runner)(*flat.tensors)
         return pytree.tree_unflatten(list(outs), self.out_spec)  # type: ignore[no-any-return]
 
 
