@@ -70,7 +70,7 @@ def test_hpo_lowers_validation_loss(
     stats = trained[method]
     baseline = hpo.evaluate(control)
     assert math.isfinite(stats["val_loss"]) and math.isfinite(stats["test_acc"])
-    # The training fit keeps shrinking the val loss's denominator; only tuned lambdas lower it this much.
+    # The control trains the same inner for the same steps: the gap is what the tuned lambdas did.
     assert stats["val_loss"] < 0.9 * baseline["val_loss"], (stats, baseline)
     assert stats["mean_lambda"] > 3 * hpo.INIT_LAMBDA, stats
     assert stats["log_lambda_std"] > 0.1, "lambdas moved in lock-step: the hypergradient is not per-feature"
