@@ -97,6 +97,7 @@ class Engine:
             if hasattr(type(self), name) or name in vars(self):
                 raise ProgramError(f"problem name {name!r} clashes with an Engine attribute; rename the problem")
             setattr(self, name, problem)
+            problem._peers = tuple(n for n in self.program.problems if n != name)
             for other in self.program.problems.values():
                 if other is not problem:
                     if hasattr(type(other), name):

@@ -60,6 +60,7 @@ class Problem:
         self.epoch_counter: list[int] = []
         self._iterators: list[Iterator[Any]] | None = None
         self._init_source: Problem | None = None
+        self._peers: tuple[str, ...] = ()
         self.device: torch.device | None = None
 
     # -- identity -------------------------------------------------------------------
@@ -75,6 +76,17 @@ class Problem:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: other problems are attached by the
+        # Engine under their names, so a typo gets a message listing the real ones.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        peers = sorted(self.__dict__.get("_peers", ()))
+        raise AttributeError(
+            f"problem {self.__dict__.get('_name')!r} has no attribute {name!r}; "
+            f"other problems reachable as self.<name>: {peers or 'none (not attached to an Engine yet)'}"
+        )
 
     # -- user surface ---------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
