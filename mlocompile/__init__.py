@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from mlocompile.compiled import CompiledProgram, compile
 from mlocompile.config import Config, EngineConfig
+from mlocompile.decorator import problem
 from mlocompile.engine import Engine
 from mlocompile.errors import IRVerificationError, MLOError, NonFiniteError, PassError, ProgramError, TraceError
 from mlocompile.problem import ImplicitProblem, IterativeProblem, Problem
@@ -39,4 +40,5 @@ __all__ = [
     "ProgramError",
     "TraceError",
     "compile",
+    "problem",
 ]

@@ -25,7 +25,7 @@ from mlocompile.optim import FunctionalOptimizer, StateDict, lower_optimizer
 from mlocompile.problem import Problem
 from mlocompile.program import ProgramGraph, build_program
 from mlocompile.step import StepVariant, needed_batches, needed_windows
-from mlocompile.trace import find_loss_uses
+from mlocompile.decorator import declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
 from passes import run_program_passes
 
 log = logging.getLogger("mlocompile")
@@ -65,16 +65,18 @@ class Engine:
     ) -> None:
         self.config = config if config is not None else EngineConfig()
         self.config.validate()
-        if dependencies is None:
-            raise ProgramError('Engine needs dependencies={"u2l": {...}, "l2u": {...}}')
         self.problems = list(problems)
-        self.dependencies = dependencies
         self.env = env
-        self.program: ProgramGraph = run_program_passes(build_program(self.problems, dependencies))
+        self._attach_problems()
+        explicit = dependencies is not None
+        self.dependencies = dependencies if dependencies is not None else infer_dependencies(self.problems)
+        self.program: ProgramGraph = run_program_passes(
+            build_program(self.problems, self.dependencies, declared_levels(self.problems) or None)
+        )
+        self._warn_undeclared = explicit
         self.global_step = 0
         self._stopped = False
         self._checked = False
-        self._attach_problems()
         self.fp = FunctionalProgram(self.program.problems)
         self.optimizers = {n: self._lower(p) for n, p in self.program.problems.items()}
         self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
@@ -87,7 +89,15 @@ class Engine:
 
     # -- set-up -------------------------------------------------------------------------
     def _attach_problems(self) -> None:
-        for name, problem in self.program.problems.items():
+        for p in self.problems:
+            if not isinstance(p, Problem):
+                raise ProgramError(f"problems must be Problem instances, got {type(p).__name__}")
+        names = [p.name for p in self.problems]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ProgramError(f"two problems are named {dupes[0]!r}; problem names must be unique")
+        for problem in self.problems:
+            name = problem.name
             if problem.module is None and problem.is_implemented("configure_module"):
                 problem.module = problem.configure_module()  # type: ignore[attr-defined]
             if problem.optimizer is None and problem.is_implemented("configure_optimizer"):
@@ -97,8 +107,8 @@ class Engine:
             if hasattr(type(self), name) or name in vars(self):
                 raise ProgramError(f"problem name {name!r} clashes with an Engine attribute; rename the problem")
             setattr(self, name, problem)
-            problem._peers = tuple(n for n in self.program.problems if n != name)
-            for other in self.program.problems.values():
+            problem._peers = tuple(n for n in names if n != name)
+            for other in self.problems:
                 if other is not problem:
                     if hasattr(type(other), name):
                         raise ProgramError(
@@ -301,19 +311,11 @@ class Engine:
 
     # -- compilation support ---------------------------------------------------------------------
     def _current_batch(self, name: str) -> Any:
-        problem = self.program.problems[name]
-        return problem.cur_batch if problem.cur_batch is not None else self.peek_batch(name)
+        return self.program.problems[name].peek_batch()
 
     def peek_batch(self, name: str) -> Any:
-        """Return the next batch of ``name`` without consuming data or RNG state."""
-        problem = self.program.problems[name]
-        rng = torch.get_rng_state()
-        try:
-            loaders = problem._loaders()
-            batches = [next(iter(loader)) for loader in loaders]
-        finally:
-            torch.set_rng_state(rng)
-        return batches[0] if len(batches) == 1 else tuple(batches)
+        """Return problem ``name``'s last batch, or its next one without consuming data or RNG."""
+        return self.program.problems[name].peek_batch()
 
     def _fresh_window(self, name: str) -> dict[str, Any]:
         snap = self._snapshot(name)
@@ -329,8 +331,10 @@ class Engine:
         for name, problem in self.program.problems.items():
             if problem.is_implemented("on_inner_loop_start") and self._run[name].loop_start:
                 self._start_loop(name)
-        params, buffers = self.fp.read_params(), self.fp.read_buffers()
-        uses = {n: find_loss_uses(self.fp, n, params, buffers, self._current_batch(n)) for n in self.program.problems}
+        uses = find_all_uses(self.problems)
+        if self._warn_undeclared:
+            declared = {(u, v) for kind in ("u2l", "l2u") for u, v in self.program.edges(kind)}
+            warn_undeclared_uses(uses, declared)
         for upper, lower in self.program.edges("u2l"):
             init = self.program.problems[lower]._init_source
             via = [

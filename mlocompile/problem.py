@@ -143,6 +143,19 @@ class Problem:
         return callable(getattr(self, hook, None))
 
     # -- data -------------------------------------------------------------------------
+    def peek_batch(self) -> Any:
+        """Return the last batch, or the next one without consuming data or torch's RNG."""
+        if self.cur_batch is not None:
+            return self.cur_batch
+        rng = torch.get_rng_state()
+        try:
+            batches = [next(iter(loader)) for loader in self._loaders()]
+        except StopIteration:
+            raise ProgramError(f"train_data_loader of problem {self._name!r} yields no batches") from None
+        finally:
+            torch.set_rng_state(rng)
+        return batches[0] if len(batches) == 1 else tuple(batches)
+
     def _loaders(self) -> tuple[Iterable[Any], ...]:
         loader = self.train_data_loader
         if loader is None and self.is_implemented("configure_train_data_loader"):
