@@ -84,6 +84,7 @@ class EngineConfig:
     compile: str = "fx"
     progress: bool = True
     output_dir: str | None = None
+    log_every: int = 10
     check_finite: bool = True
 
     def validate(self) -> None:

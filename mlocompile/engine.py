@@ -17,15 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mlocompile import checkpoint
 from mlocompile.codegen import StepExecutor
 from mlocompile.config import EngineConfig
+from mlocompile.decorator import declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
 from mlocompile.errors import NonFiniteError, ProgramError
 from mlocompile.functional import FunctionalProgram
+from mlocompile.monitor import MetricsLogger, ProgressBar
 from mlocompile.optim import FunctionalOptimizer, StateDict, lower_optimizer
 from mlocompile.problem import Problem
 from mlocompile.program import ProgramGraph, build_program
 from mlocompile.step import StepVariant, needed_batches, needed_windows
-from mlocompile.decorator import declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
 from passes import run_program_passes
 
 log = logging.getLogger("mlocompile")
@@ -84,6 +86,7 @@ class Engine:
         for name in self.program.problems:
             self._run[name].roll_back = self.config.roll_back and bool(self.program.parents(name))
         self.history: list[dict[str, Any]] = []
+        self._metrics: MetricsLogger | None = None
         self.early_stopping_best: float | None = None
         self.early_stopping_counter = 0
 
@@ -133,16 +136,44 @@ class Engine:
             self._step(leaf)
 
     def run(self) -> None:
-        """Train for ``train_iters`` steps with validation and early stopping."""
+        """Train until ``train_iters`` global steps, with validation, early stopping and progress.
+
+        A resumed engine (``load``) continues from its saved global step.
+        """
         self.train()
-        for it in range(1, self.config.train_iters + 1):
-            self.global_step += 1
-            self.train_step()
-            if it % self.config.valid_step == 0 and self.is_implemented("validation"):
-                if self._validate():
-                    log.info("early stopping at global step %d", self.global_step)
-                    break
-        self.train()
+        bar = ProgressBar(self.config.train_iters, self.config.progress)
+        try:
+            while self.global_step < self.config.train_iters:
+                self.global_step += 1
+                self.train_step()
+                bar.update(self.global_step, {n: r.last_loss for n, r in self._run.items()})
+                if self.global_step % self.config.valid_step == 0 and self.is_implemented("validation"):
+                    if self._validate():
+                        log.info("early stopping at global step %d", self.global_step)
+                        break
+        finally:
+            bar.close()
+            self.train()
+
+    def save(self, path: str) -> str:
+        """Write a checkpoint atomically; ``load`` on an engine built the same way resumes exactly."""
+        return checkpoint.save(self, path)
+
+    def load(self, path: str) -> None:
+        """Restore a checkpoint written by ``save`` (weights, optimizer, schedule, data, RNG)."""
+        checkpoint.load(self, path)
+
+    @property
+    def metrics(self) -> MetricsLogger | None:
+        """The metric files writer (``EngineConfig.output_dir``), or None."""
+        if self._metrics is None and self.config.output_dir:
+            self._metrics = MetricsLogger(self.config.output_dir, tensorboard=self.config.logger_type == "tensorboard")
+        return self._metrics
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.metrics is not None:
+            self.metrics.log(record)
 
     def validation(self) -> dict[str, Any] | None:  # pragma: no cover - user override
         """Override to return validation metrics; runs every ``valid_step`` steps."""
@@ -170,7 +201,7 @@ class Engine:
             stats = self.validation() or {}
         self.train()
         stats = {k: float(v) if isinstance(v, (Tensor, int, float)) else v for k, v in stats.items()}
-        self.history.append({"tag": "validation", "step": self.global_step, **stats})
+        self._record({"tag": "validation", "step": self.global_step, **stats})
         log.info("[validation] step %d %s", self.global_step, stats)
         if not self.config.early_stopping:
             return False
@@ -299,14 +330,16 @@ class Engine:
             for key, param in problem.named_trainable_parameters().items():
                 param.data = out["params"][key]
             self.optimizers[name].write_state(out["opt"])
+            # NOTE: LR schedulers check this flag (set by optimizer.step) to warn about call order
+            problem.optimizer._opt_called = True  # type: ignore[union-attr]
             run.acc = {}
         else:
             run.acc = out["acc"]
-        cfg = problem.config
-        if cfg.log_step > 0 and run.count % cfg.log_step == 0:
+        every = problem.config.log_step if problem.config.log_step > 0 else self.config.log_every
+        if every > 0 and run.count % every == 0:
             record = {"tag": name, "step": self.global_step, "local_step": run.count, "loss": loss}
             record.update({k: float(v) for k, v in out["logs"].items()})
-            self.history.append(record)
+            self._record(record)
             log.info("[%s] step %d local %d %s", name, self.global_step, run.count, record)
 
     # -- compilation support ---------------------------------------------------------------------

@@ -59,6 +59,8 @@ class Problem:
         self.cur_batch: Any = None
         self.epoch_counter: list[int] = []
         self._iterators: list[Iterator[Any]] | None = None
+        self._iter_rng: list[torch.Tensor] = []
+        self._consumed: list[int] = []
         self._init_source: Problem | None = None
         self._peers: tuple[str, ...] = ()
         self.device: torch.device | None = None
@@ -168,8 +170,10 @@ class Problem:
         """Return the next training batch, restarting exhausted loaders (Betty semantics)."""
         loaders = self._loaders()
         if self._iterators is None:
-            self._iterators = [iter(ld) for ld in loaders]
             self.epoch_counter = [0] * len(loaders)
+            self._iter_rng = [torch.get_rng_state() for _ in loaders]
+            self._consumed = [0] * len(loaders)
+            self._iterators = [iter(ld) for ld in loaders]
         batches = []
         for i, loader in enumerate(loaders):
             try:
@@ -178,13 +182,49 @@ class Problem:
                 self.epoch_counter[i] += 1
                 if i == 0 and self.is_implemented("epoch_callback"):
                     self.epoch_callback()  # type: ignore[attr-defined]
+                # NOTE: the RNG state at iterator creation fixes a shuffled loader's order,
+                # which is what lets a checkpoint restore the exact data position
+                self._iter_rng[i], self._consumed[i] = torch.get_rng_state(), 0
                 self._iterators[i] = iter(loader)
                 try:
                     batch = next(self._iterators[i])
                 except StopIteration:
                     raise ProgramError(f"train_data_loader of problem {self._name!r} yields no batches") from None
+            self._consumed[i] += 1
             batches.append(batch)
         return batches[0] if len(batches) == 1 else tuple(batches)
+
+    def data_state(self) -> dict[str, Any]:
+        """Return where this problem is in its data, enough to resume at the same batch."""
+        if self._iterators is None:
+            return {"started": False}
+        return {
+            "started": True,
+            "epoch_counter": list(self.epoch_counter),
+            "iter_rng": list(self._iter_rng),
+            "consumed": list(self._consumed),
+        }
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Recreate the data iterators at the position ``data_state`` recorded."""
+        if not state["started"]:
+            self._iterators = None
+            return
+        loaders = self._loaders()
+        rng = torch.get_rng_state()
+        try:
+            self._iterators = []
+            for loader, start, consumed in zip(loaders, state["iter_rng"], state["consumed"]):
+                torch.set_rng_state(start)
+                it = iter(loader)
+                for _ in range(consumed):
+                    next(it)
+                self._iterators.append(it)
+        finally:
+            torch.set_rng_state(rng)
+        self.epoch_counter = list(state["epoch_counter"])
+        self._iter_rng = list(state["iter_rng"])
+        self._consumed = list(state["consumed"])
 
 
 ImplicitProblem = Problem

@@ -87,6 +87,7 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
         leaves, holder["spec"] = pytree.tree_flatten(out)
         return leaves
 
+    rng = torch.get_rng_state()  # tracing runs the step for real: it must not consume randomness
     try:
         with fx_traceback.preserve_node_meta():
             # NOTE: make_fx maps tensors to placeholders by identity; the same tensor object
@@ -103,6 +104,8 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
                 "EngineConfig(compile='eager')"
             ) from exc
         raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
+    finally:
+        torch.set_rng_state(rng)
     adopt_annotations(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, flat.names):
@@ -125,6 +128,7 @@ def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str
         return fp.loss(name, rebuilt, buffers, batch)[0]  # type: ignore[no-any-return]
 
     flat = [params[p][k].detach() for p, k in names]
+    rng = torch.get_rng_state()
     try:
         with torch.no_grad():
             gm = make_fx(loss_fn, tracing_mode="real")(*flat)
@@ -132,5 +136,7 @@ def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str
         raise
     except RuntimeError as exc:
         raise TraceError(f"tracing the training_step of problem {name!r} failed: {str(exc).splitlines()[0]}") from exc
+    finally:
+        torch.set_rng_state(rng)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {p for (p, _), node in zip(names, placeholders) if node.users}

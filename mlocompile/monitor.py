@@ -1,0 +1,98 @@
+"""Watching a run: a terminal progress bar and metric files (JSONL, CSV, TensorBoard)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+
+class ProgressBar:
+    """A one-line progress bar with live per-problem losses; silent unless on a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = total
+        self.enabled = enabled and total > 0 and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self._last_draw = 0.0
+
+    def update(self, step: int, losses: dict[str, float], force: bool = False) -> None:
+        """Redraw (at most ~10 times a second) with the current step and losses."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last_draw < 0.1 and step < self.total:
+            return
+        self._last_draw = now
+        rate = step / max(now - self.start, 1e-9)
+        width = 24
+        done = int(width * step / self.total)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in losses.items() if not math.isnan(v))
+        line = f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {rate:6.1f} it/s  {shown}"
+        self.stream.write(line[:200].ljust(80))
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line."""
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class MetricsLogger:
+    """Appends every record to ``metrics.jsonl`` and ``metrics.csv`` (long format) in a folder.
+
+    With ``tensorboard=True`` and TensorBoard installed, scalars also go to a
+    SummaryWriter in the same folder.
+    """
+
+    def __init__(self, directory: str, tensorboard: bool = False) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        csv_path = os.path.join(directory, "metrics.csv")
+        new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
+        self._csv_file = open(csv_path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        self._csv = csv.writer(self._csv_file)
+        if new:
+            self._csv.writerow(["step", "tag", "key", "value"])
+        self._tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard missing
+                raise ImportError("logger_type='tensorboard' needs `pip install tensorboard`") from exc
+            self._tb = SummaryWriter(directory)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record: ``{"tag": ..., "step": ..., <metric>: <number>, ...}``."""
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key in ("tag", "step") or not isinstance(value, (int, float)):
+                continue
+            self._csv.writerow([record["step"], record["tag"], key, value])
+            if self._tb is not None:
+                self._tb.add_scalar(f"{record['tag']}/{key}", value, record["step"])
+        self._csv_file.flush()
+
+    def close(self) -> None:
+        """Close the files."""
+        self._jsonl.close()
+        self._csv_file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(directory: str) -> list[dict[str, Any]]:
+    """Read back every record a MetricsLogger wrote to ``directory``."""
+    path = os.path.join(directory, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no metrics.jsonl in {directory!r}; run with EngineConfig(output_dir=...) first")
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
