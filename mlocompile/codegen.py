@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -57,9 +59,17 @@ class StepExecutor:
         traced = self._traced.get(key)
         if traced is None:
             traced = trace_step(self.step_fn(variant), flat, variant.title)
-            traced.gm = run_graph_pipeline(traced.gm, variant.title, self.param_sizes(), self.report)
+            cfg = self.program.problems[variant.problem].config
+            traced.gm = run_graph_pipeline(
+                traced.gm,
+                variant.title,
+                self.param_sizes(),
+                self.report,
+                precision=cfg.precision,
+                keep_fp32_methods=cfg.amp_fp32_methods,
+            )
             if self.backend == "inductor":
-                traced.runner = torch.compile(traced.gm, backend="inductor", fullgraph=True, dynamic=False)
+                traced.runner = _compile_with_inductor(traced, flat)
             self._traced[key] = traced
         self.latest[variant.title] = traced
         return traced
@@ -67,3 +77,26 @@ class StepExecutor:
     def param_sizes(self) -> dict[str, int]:
         """Flattened trainable-parameter count per problem."""
         return {n: sum(p.numel() for p in prob.trainable_parameters()) for n, prob in self.program.problems.items()}
+
+
+def _compile_with_inductor(traced: TracedStep, flat: Any) -> Any:
+    """Compile a traced step with inductor; on failure warn, name the op, and run it with fx.
+
+    The compile happens here (one warm-up call) rather than lazily, so a failure is
+    caught at a known point. Inductor's FX-graph and AOT caches (on by default) make a
+    second process reuse the compiled kernels instead of compiling again.
+    """
+    compiled = torch.compile(traced.gm, backend="inductor", fullgraph=True, dynamic=False)
+    try:
+        compiled(*flat.tensors)
+    except Exception as exc:  # inductor raises many types; all mean "could not compile"
+        msg = str(exc)
+        ops = sorted(set(re.findall(r"aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", msg)))
+        where = f" at {', '.join(ops[:3])}" if ops else ""
+        first = msg.splitlines()[0] if msg else type(exc).__name__
+        warnings.warn(
+            f"{traced.title}: inductor could not compile the step{where} ({first}); running it with the fx backend",
+            stacklevel=3,
+        )
+        return None
+    return compiled

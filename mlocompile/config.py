@@ -39,6 +39,7 @@ class Config:
     neumann_alpha: float = 1.0
     cg_iterations: int = 1
     cg_alpha: float = 1.0
+    amp_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd")
 
     def validate(self, problem: str) -> None:
         """Raise ProgramError naming ``problem`` for any out-of-range field."""
@@ -55,6 +56,11 @@ class Config:
                 raise ProgramError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         if self.darts_alpha <= 0 or self.cg_alpha <= 0 or self.neumann_alpha <= 0:
             raise ProgramError(f"{where}: darts_alpha, neumann_alpha and cg_alpha must be > 0")
+        if self.precision == "fp16":
+            raise ProgramError(
+                f"{where}: precision='fp16' needs dynamic loss scaling, which is not implemented yet; "
+                "use precision='bf16' (same exponent range as fp32, no scaler needed)"
+            )
         if self.type == "itd" and self.gradient_accumulation != 1:
             raise ProgramError(
                 f"{where}: type='itd' differentiates through optimizer steps and needs "

@@ -10,18 +10,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch.fx import GraphModule
 
 from mlocompile.errors import MLOError, PassError
 from mlocompile.ir import verify
 from mlocompile.program import ProgramGraph
+from passes.amp import cast_for_amp, precision_policy
 from passes.cse import eliminate_common_subexpressions
 from passes.dce import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
 from passes.order_vjps import check_no_jacobians, order_vjps
 
-GraphPass = Callable[[GraphModule], GraphModule]
+GraphPass = Callable[..., GraphModule]
 PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
     "enumerate_paths": enumerate_paths,
     "order_vjps": order_vjps,
@@ -29,6 +31,7 @@ PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
 GRAPH_PASSES: dict[str, GraphPass] = {
     "eliminate_dead_code": eliminate_dead_code,
     "eliminate_common_subexpressions": eliminate_common_subexpressions,
+    "cast_for_amp": cast_for_amp,
 }
 
 
@@ -67,11 +70,13 @@ def _count(gm: GraphModule) -> int:
     return len(gm.graph.nodes)
 
 
-def run_pass(gm: GraphModule, name: str, title: str, done: list[str], report: PassReport | None) -> GraphModule:
+def run_pass(
+    gm: GraphModule, name: str, title: str, done: list[str], report: PassReport | None, **options: Any
+) -> GraphModule:
     """Run one registered graph pass, then verify; failures name the pass and its predecessors."""
     before, start = _count(gm), time.perf_counter()
     try:
-        gm = GRAPH_PASSES[name](gm)
+        gm = GRAPH_PASSES[name](gm, **options)
         verify(gm)
     except MLOError as exc:
         raise PassError(f"pass {name} on {title} (after {done or 'nothing'}) failed: {exc}") from exc
@@ -82,12 +87,20 @@ def run_pass(gm: GraphModule, name: str, title: str, done: list[str], report: Pa
 
 
 def run_graph_pipeline(
-    gm: GraphModule, title: str, sizes: dict[str, int], report: PassReport | None = None
+    gm: GraphModule,
+    title: str,
+    sizes: dict[str, int],
+    report: PassReport | None = None,
+    precision: str = "fp32",
+    keep_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd"),
 ) -> GraphModule:
     """Run the default graph pipeline on one traced step."""
     done: list[str] = []
     verify(gm)
     check_no_jacobians(gm, sizes)  # the VJP ordering must never materialize a d_i x d_j tensor
+    if precision != "fp32":  # first, so CSE merges the repeated casts of a weight
+        policy = precision_policy(precision, keep_fp32_methods)
+        gm = run_pass(gm, "cast_for_amp", title, done, report, policy=policy)
     gm = run_pass(gm, "eliminate_common_subexpressions", title, done, report)  # merges repeated forwards
     gm = run_pass(gm, "eliminate_dead_code", title, done, report)  # after CSE: drops what merging orphaned
     return gm
@@ -95,6 +108,7 @@ def run_graph_pipeline(
 
 __all__ = [
     "GRAPH_PASSES",
+    "cast_for_amp",
     "PROGRAM_PASSES",
     "PassReport",
     "check_no_jacobians",
