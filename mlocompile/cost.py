@@ -87,6 +87,7 @@ class StepCost:
     peak_bytes: int
     peak_node: str
     input_bytes: int
+    flops_by_method: dict[str, int] = field(default_factory=dict)  # nodes inside best-response VJPs
 
 
 @dataclass
@@ -106,6 +107,8 @@ class CostReport:
             )
             rows.append("    by role:    " + _breakdown(s.flops_by_role))
             rows.append("    by problem: " + _breakdown(s.flops_by_problem))
+            if s.flops_by_method:
+                rows.append("    in VJPs:    " + _breakdown(s.flops_by_method))
         used = ", ".join(f"{n}={m}" for n, m in sorted(self.methods.items())) or "none"
         rows.append(f"symbolic, one best-response VJP (methods in use: {used}):")
         rows += [f"    {k} = {v}" for k, v in SYMBOLS.items()]
@@ -128,6 +131,7 @@ def estimate_step_cost(gm: GraphModule, title: str = "step") -> StepCost:
     """Estimate one step graph's FLOPs (per role and problem) and its peak live memory."""
     by_role: dict[str, int] = defaultdict(int)
     by_problem: dict[str, int] = defaultdict(int)
+    by_method: dict[str, int] = defaultdict(int)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -135,9 +139,12 @@ def estimate_step_cost(gm: GraphModule, title: str = "step") -> StepCost:
         if flops:
             by_role[str(node.meta.get("mlo.role", "?"))] += flops
             by_problem[str(node.meta.get("mlo.problem", "?"))] += flops
+            if "mlo.method" in node.meta:
+                by_method[str(node.meta["mlo.method"])] += flops
     peak, at = estimate_peak_memory(gm)
     inputs = sum(_nbytes(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
-    return StepCost(title, sum(by_role.values()), dict(by_role), dict(by_problem), peak, at, inputs)
+    total = sum(by_role.values())
+    return StepCost(title, total, dict(by_role), dict(by_problem), peak, at, inputs, dict(by_method))
 
 
 def estimate_node_flops(node: Node) -> int:
@@ -155,13 +162,14 @@ def estimate_node_flops(node: Node) -> int:
 
 
 def _decomposed_flops(target: Any, args: Any, kwargs: Any) -> int:
-    """Count a composite op as FlopCounterMode does: run its decomposition on fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """Count a composite op as FlopCounterMode does: run its decomposition on meta tensors."""
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), (args, kwargs))
-        with FlopCounterMode(display=False) as counter:
-            target(*args, **kwargs)
+    def to_meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    args, kwargs = pytree.tree_map_only(torch.Tensor, to_meta, (args, kwargs))
+    with FlopCounterMode(display=False) as counter:
+        target(*args, **kwargs)
     return int(counter.get_total_flops())
 
 
@@ -224,13 +232,16 @@ def _aliased_input(node: Node) -> Node | None:
     first = next((x for x in node.all_input_nodes), None)
     if target in UNANNOTATED_VIEWS:
         return first
-    sets = {s for r in target._schema.returns if r.alias_info for s in r.alias_info.before_set}
-    if not sets:
+    infos = [r.alias_info for r in target._schema.returns if r.alias_info is not None]
+    if not infos:
         return None
+    # NOTE: list returns (split, unbind: Tensor(a)[]) expose empty alias sets to Python
+    sets = {s for info in infos for s in info.before_set}
     for i, arg in enumerate(target._schema.arguments):
         value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        if arg.alias_info is not None and sets & set(arg.alias_info.before_set) and isinstance(value, Node):
-            return value
+        if arg.alias_info is not None and isinstance(value, Node):
+            if not sets or sets & set(arg.alias_info.before_set):
+                return value
     return first
 
 

@@ -79,7 +79,9 @@ def cast_for_amp(gm: GraphModule, *, policy: Policy) -> GraphModule:
         args = list(node.args)
         for i in rule.cast_args:
             arg = args[i] if i < len(args) else None
-            val = arg.meta.get("val") if isinstance(arg, Node) else None
+            if not isinstance(arg, Node):
+                continue
+            val = arg.meta.get("val")
             if isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64):
                 args[i] = _cast(gm, arg, low, node)
         if args == list(node.args):
