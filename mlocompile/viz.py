@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,16 +47,20 @@ def _q(text: str) -> str:
     return f'"{escaped}"'
 
 
-def _label(lines: list[str], align: str = "center") -> str:
+class _Quoted(str):
+    """DOT text that is already quoted and escaped (``_attrs`` passes it through)."""
+
+
+def _label(lines: list[str], align: str = "center") -> _Quoted:
     """Quote a multi-line label; ``align="left"`` left-justifies every line (DOT's ``\\l``)."""
     sep = "\\l" if align == "left" else "\\n"
     body = sep.join(_q(line)[1:-1] for line in lines)
-    return f'"{body}{sep if align == "left" else ""}"'
+    return _Quoted(f'"{body}{sep if align == "left" else ""}"')
 
 
 def _attrs(**attrs: str) -> str:
-    """Format ``key=value`` pairs; values starting with a quote (from ``_label``) are kept as is."""
-    items = [f"{key}={value}" if value[:1] == '"' else f"{key}={_q(value)}" for key, value in attrs.items()]
+    """Format ``key=value`` pairs, quoting every value not already ``_Quoted``."""
+    items = [f"{key}={value if isinstance(value, _Quoted) else _q(value)}" for key, value in attrs.items()]
     return "[" + ", ".join(items) + "]"
 
 
@@ -106,11 +110,11 @@ def _program_dot(compiled: CompiledProgram) -> str:
     for kind in ("u2l", "l2u"):
         for u, v in prog.edges(kind):
             via = prog.graph.edges[u, v, kind].get("via", "loss")
-            label = kind if kind == "l2u" or via == "loss" else f"{kind} ({via})"
+            text = kind if kind == "l2u" or via == "loss" else f"{kind} ({via})"
             color = EDGE_COLORS[kind]
             # l2u edges point up: let u2l edges alone decide the vertical layout
             extra = {"constraint": "false"} if kind == "l2u" else {}
-            attrs = _attrs(label=label, color=color, fontcolor=color, penwidth="1.6", **extra)
+            attrs = _attrs(label=text, color=color, fontcolor=color, penwidth="1.6", **extra)
             out.append(f"  {_q('problem:' + u)} -> {_q('problem:' + v)} {attrs};")
     out.append(f"  {_q('paths')} {_attrs(shape='note', style='', label=_label(_path_lines(compiled), 'left'))};")
     out.append("}")
@@ -150,7 +154,7 @@ def _node_problem(node: Node, problems: set[str]) -> str | None:
     if "mlo.problem" in node.meta:
         return str(node.meta["mlo.problem"])
     parts = str(node.meta.get("mlo.input", "")).split(".")
-    if len(parts) > 1 and parts[0] in ("params", "last") and parts[1] in problems:
+    if len(parts) > 1 and parts[1] in problems:  # params.<p>..., last.<p>..., windows.<p>...
         return parts[1]
     return "inputs" if node.op == "placeholder" else None
 
@@ -159,7 +163,7 @@ def _step_node(nid: str, node: Node) -> str:
     role = str(node.meta.get("mlo.role", ""))
     shape = _shape(node.meta.get("val"))
     tags = [f"{k[4:]}={node.meta[k]}" for k in ("mlo.role", "mlo.method", "mlo.path", "mlo.edge") if k in node.meta]
-    tooltip = " ".join([f"{node.name} = {node.target}", *tags])
+    tooltip = " ".join([f"{node.name} = {_op_label(node)}", *tags])
     label = _label([_op_label(node)] + ([shape] if shape else []))
     return f"{_q(nid)} {_attrs(label=label, fillcolor=ROLE_COLORS.get(role, 'white'), tooltip=tooltip)};"
 
@@ -187,22 +191,25 @@ def _steps_dot(graphs: dict[str, GraphModule], problems: set[str]) -> str:
         for node in gm.graph.nodes:
             for inp in node.all_input_nodes:
                 out.append(f"  {_q(f'{title}/{inp.name}')} -> {_q(f'{title}/{node.name}')};")
-    out += ['  subgraph "cluster_legend" {', '    label="roles"; style=solid;']
-    out += [f"    {_q('legend:' + r)} {_attrs(label=r, fillcolor=c)};" for r, c in ROLE_COLORS.items()]
+    out += ['  subgraph "cluster_legend" {', '    label="mlo.role"; style=solid;', "    { rank=same;"]
+    out += [f"      {_q('legend:' + r)} {_attrs(label=r, fillcolor=c)};" for r, c in ROLE_COLORS.items()]
     keys = [_q("legend:" + r) for r in ROLE_COLORS]
-    out += [f"    {a} -> {b} [style=invis];" for a, b in zip(keys, keys[1:])] + ["  }", "}"]
+    out += [f"      {a} -> {b} [style=invis];" for a, b in zip(keys, keys[1:])] + ["    }", "  }", "}"]
     return "\n".join(out) + "\n"
 
 
+def _temp_beside(path: Path) -> Path:
+    # NOTE: not mkstemp: its 0600 mode would outlive os.replace; a plain open honours the umask
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def render(compiled: CompiledProgram, path: str | os.PathLike[str], kind: str = "program") -> str:
@@ -236,10 +243,9 @@ def render(compiled: CompiledProgram, path: str | os.PathLike[str], kind: str = 
             f"render: Graphviz's `dot` is not installed (not on PATH), so {str(out)!r} cannot be drawn; "
             f"install it with {_INSTALL_HINT}. The DOT text was written to {str(dot_path)!r}."
         )
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_beside(out)
     try:
-        proc = subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(tmp)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RenderError(
                 f"render: `dot -T{fmt} {dot_path}` failed (exit {proc.returncode}): {proc.stderr.strip()}"

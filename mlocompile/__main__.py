@@ -1,0 +1,194 @@
+"""Command line: run an MLO program and print or draw what mlocompile compiled.
+
+    mlocompile run   EXAMPLE [--backend fx] [--iters N] [--out DIR]
+    mlocompile ir    EXAMPLE          # the annotated IR
+    mlocompile code  EXAMPLE          # the generated Python of every step
+    mlocompile graph EXAMPLE -o FILE  # diagram (.svg/.png/.pdf/.dot), --kind program|step
+    mlocompile cost  EXAMPLE          # static FLOPs / memory estimates
+    mlocompile plot  RUN_DIR -o FILE.png
+
+EXAMPLE is a script path (its ``build()`` returns an Engine) or ``module:function``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mlocompile.errors import MLOError
+
+
+class CliError(MLOError):
+    """Bad command-line input: a missing file, a target that is not an Engine."""
+
+
+def load_engine(target: str, **overrides: Any) -> Any:
+    """Build the Engine that ``target`` (``path.py`` or ``module:function``) returns.
+
+    ``overrides`` (e.g. ``iters``, ``backend``) are passed to the builder when its
+    signature accepts them, and applied to the engine's config otherwise.
+    """
+    from mlocompile.engine import Engine
+
+    if ":" in target and not target.endswith(".py"):
+        mod_name, func_name = target.split(":", 1)
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise CliError(f"cannot import module {mod_name!r} from {target!r}: {exc}") from exc
+    else:
+        if not os.path.isfile(target):
+            raise CliError(f"no such file {target!r}; pass a script path (with a build() function) or module:function")
+        func_name = "build"
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    builder = getattr(module, func_name, None)
+    if not callable(builder):
+        raise CliError(f"{target!r} has no callable {func_name}(); it should build and return an mlocompile Engine")
+    accepted = inspect.signature(builder).parameters
+    engine = builder(**{k: v for k, v in overrides.items() if v is not None and k in accepted})
+    if not isinstance(engine, Engine):
+        raise CliError(f"{target!r}: {func_name}() returned {type(engine).__name__}, expected an mlocompile Engine")
+    if overrides.get("iters") is not None:
+        engine.config.train_iters = overrides["iters"]
+    if overrides.get("backend") is not None:
+        engine.config.compile = engine.executor.backend = overrides["backend"]
+    return engine
+
+
+def write_artifacts(compiled: Any, out_dir: str) -> list[str]:
+    """Write ir.txt, code.py and the diagrams of a CompiledProgram into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name, text in (("ir.txt", compiled.ir), ("code.py", compiled.code), ("cost.txt", str(compiled.cost()))):
+        path = os.path.join(out_dir, name)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        written.append(path)
+    ext = ".svg" if shutil.which("dot") else ".dot"
+    for kind in ("program", "step"):
+        written.append(compiled.render(os.path.join(out_dir, f"{kind}{ext}"), kind=kind))
+    return written
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    import mlocompile as mlo
+
+    engine = load_engine(args.example, iters=args.iters, backend=args.backend)
+    out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.example.split(":")[0]))[0])
+    engine.config.output_dir = out
+    engine.run()
+    for path in write_artifacts(mlo.compile(engine), out):
+        print(f"wrote {path}")
+    last = {}
+    for record in engine.history:
+        last[record["tag"]] = record
+    for tag, record in sorted(last.items()):
+        values = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+        print(f"[{tag}] step {record['step']}: {values}")
+
+
+def _cmd_show(args: argparse.Namespace) -> None:
+    import mlocompile as mlo
+
+    compiled = mlo.compile(load_engine(args.example, backend=args.backend))
+    if args.command == "ir":
+        print(compiled.ir, end="")
+    elif args.command == "code":
+        print(compiled.code)
+    elif args.command == "cost":
+        print(compiled.cost())
+    else:
+        print(compiled.render(args.output, kind=args.kind))
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    from mlocompile.monitor import read_metrics
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise CliError("plot needs matplotlib: pip install matplotlib") from exc
+    try:
+        records = read_metrics(args.run_dir)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from None
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        if "loss" in r:
+            xs, ys = series.setdefault(r["tag"], ([], []))
+            xs.append(r["step"])
+            ys.append(r["loss"])
+    if not series:
+        raise CliError(f"{args.run_dir!r} has no loss records to plot")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tag, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, label=tag)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(os.path.basename(os.path.abspath(args.run_dir)))
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    print(args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``mlocompile`` command."""
+    parser = argparse.ArgumentParser(
+        prog="mlocompile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train an example and write its IR, code, diagrams and metrics")
+    run.add_argument("example")
+    run.add_argument("--backend", choices=["eager", "fx", "inductor"])
+    run.add_argument("--iters", type=int)
+    run.add_argument("--out", help="output folder (default out/<example>)")
+    run.set_defaults(func=_cmd_run)
+    for name, text in (
+        ("ir", "print the IR"),
+        ("code", "print the generated code"),
+        ("cost", "print cost estimates"),
+        ("graph", "draw a diagram"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("example")
+        p.add_argument("--backend", choices=["fx", "inductor"])
+        if name == "graph":
+            p.add_argument("-o", "--output", required=True)
+            p.add_argument("--kind", default="program", help="program (default) or step")
+        p.set_defaults(func=_cmd_show)
+    plot = sub.add_parser("plot", help="plot per-problem loss curves of a run folder")
+    plot.add_argument("run_dir")
+    plot.add_argument("-o", "--output", required=True)
+    plot.set_defaults(func=_cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MLOError as exc:
+        print(f"mlocompile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
