@@ -37,6 +37,7 @@ class StepExecutor:
         self._traced: dict[tuple[Any, ...], TracedStep] = {}
         self.latest: dict[str, TracedStep] = {}
         self.report = PassReport()
+        self.memory_budget: float | None = None
 
     def step_fn(self, variant: StepVariant) -> StepFn:
         """Return the (cached) pure step function of ``variant``."""
@@ -67,6 +68,7 @@ class StepExecutor:
                 self.report,
                 precision=cfg.precision,
                 keep_fp32_methods=cfg.amp_fp32_methods,
+                memory_budget=self.memory_budget,
             )
             if self.backend == "inductor":
                 traced.runner = _compile_with_inductor(traced, flat)

@@ -91,6 +91,7 @@ class EngineConfig:
     progress: bool = True
     output_dir: str | None = None
     log_every: int = 10
+    memory_budget: float | None = None
     check_finite: bool = True
 
     def validate(self) -> None:
@@ -101,6 +102,10 @@ class EngineConfig:
             raise ProgramError(f"EngineConfig.early_stopping_mode={self.early_stopping_mode!r}; use 'min' or 'max'")
         if self.train_iters < 0 or self.valid_step < 1:
             raise ProgramError("EngineConfig: train_iters must be >= 0 and valid_step >= 1")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ProgramError(
+                "EngineConfig.memory_budget must be > 0: bytes, or a fraction (<= 1) of the estimated peak"
+            )
         if self.strategy not in ("default", "cpu", "gpu"):
             raise ProgramError(
                 f"EngineConfig.strategy={self.strategy!r} is not supported yet; use 'default' "

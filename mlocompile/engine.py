@@ -82,6 +82,7 @@ class Engine:
         self.fp = FunctionalProgram(self.program.problems)
         self.optimizers = {n: self._lower(p) for n, p in self.program.problems.items()}
         self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
+        self.executor.memory_budget = self.config.memory_budget
         self._run = {n: _Runtime(ready={c: False for c in self.program.children(n)}) for n in self.program.problems}
         for name in self.program.problems:
             self._run[name].roll_back = self.config.roll_back and bool(self.program.parents(name))

@@ -19,6 +19,7 @@ META_KEYS: dict[str, str] = {
     "mlo.edge": "trace writes 'u2l'/'l2u' + endpoints for nodes inside a best-response product; printer reads",
     "mlo.path": "trace writes the VJP op id (e.g. 'outer.v0') a hypergradient node belongs to; printer reads",
     "mlo.input": "trace writes the input's path in the step's input tree (params.inner.0.weight); printer reads",
+    "mlo.remat": "insert_checkpoints writes, on a recomputed node, the name of the node it copies; printer reads",
     "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
 }
 ROLES = ("io", "forward", "grad", "direct", "hypergrad", "update", "callback")
@@ -70,7 +71,7 @@ def format_graph(gm: GraphModule, title: str) -> str:
     for node in gm.graph.nodes:
         tags = " ".join(
             f"{k[4:]}={node.meta[k]}"
-            for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path")
+            for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path", "mlo.remat")
             if k in node.meta
         )
         val = _fmt_val(node.meta["val"]) if "val" in node.meta else "-"

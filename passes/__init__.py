@@ -18,6 +18,7 @@ from mlocompile.errors import MLOError, PassError
 from mlocompile.ir import verify
 from mlocompile.program import ProgramGraph
 from passes.amp import cast_for_amp, precision_policy
+from passes.checkpoint import insert_checkpoints
 from passes.cse import eliminate_common_subexpressions
 from passes.dce import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
@@ -32,6 +33,7 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "eliminate_dead_code": eliminate_dead_code,
     "eliminate_common_subexpressions": eliminate_common_subexpressions,
     "cast_for_amp": cast_for_amp,
+    "insert_checkpoints": insert_checkpoints,
 }
 
 
@@ -93,6 +95,7 @@ def run_graph_pipeline(
     report: PassReport | None = None,
     precision: str = "fp32",
     keep_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd"),
+    memory_budget: float | None = None,
 ) -> GraphModule:
     """Run the default graph pipeline on one traced step."""
     done: list[str] = []
@@ -103,6 +106,8 @@ def run_graph_pipeline(
         gm = run_pass(gm, "cast_for_amp", title, done, report, policy=policy)
     gm = run_pass(gm, "eliminate_common_subexpressions", title, done, report)  # merges repeated forwards
     gm = run_pass(gm, "eliminate_dead_code", title, done, report)  # after CSE: drops what merging orphaned
+    if memory_budget is not None:  # last: CSE after it would merge the recomputations back
+        gm = run_pass(gm, "insert_checkpoints", title, done, report, memory_budget=memory_budget)
     return gm
 
 
@@ -115,6 +120,7 @@ __all__ = [
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "enumerate_paths",
+    "insert_checkpoints",
     "order_vjps",
     "run_graph_pipeline",
     "run_pass",
