@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from programs import chain_engine, mwn_engine
 
 import mlocompile as mlo
+from programs import chain_engine, mwn_engine
 
 
 def _with_precision(engine, precision):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from programs import chain_engine, mwn_engine
 
 import mlocompile as mlo
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs
+from programs import chain_engine, mwn_engine
 
 METHODS = ["darts", "neumann", "cg", "itd"]
 

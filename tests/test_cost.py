@@ -7,7 +7,6 @@ import functools
 import pytest
 import sympy
 import torch
-from programs import Meta, Reweighted, chain_engine, mwn_engine
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -16,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mlocompile as mlo
 from mlocompile import cost
 from mlocompile.trace import flatten_inputs
+from programs import Meta, Reweighted, chain_engine, mwn_engine
 
 METHODS = ["darts", "neumann", "cg", "itd"]
 

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from programs import Meta, Reweighted, mwn_engine
 from torch import nn
 
 import mlocompile as mlo
 from mlocompile import checkpoint
+from programs import Meta, Reweighted, mwn_engine
 
 
 class DropoutReweighted(Reweighted):

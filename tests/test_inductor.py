@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from programs import mwn_engine
 
 import mlocompile.codegen as codegen
+from programs import mwn_engine
 
 pytestmark = pytest.mark.slow
 

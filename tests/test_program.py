@@ -8,12 +8,12 @@ import random
 import networkx as nx
 import pytest
 import torch
-from programs import Meta, Reweighted, chain_engine, mwn_data, mwn_engine
 from torch import nn
 
 import mlocompile as mlo
 from mlocompile.program import build_program
 from passes import enumerate_paths, order_vjps, run_program_passes
+from programs import Meta, Reweighted, chain_engine, mwn_data, mwn_engine
 
 
 class Plain(mlo.ImplicitProblem):

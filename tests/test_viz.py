@@ -9,13 +9,13 @@ from textwrap import dedent
 
 import pytest
 import torch
-from programs import chain_engine, mwn_engine
 from torch import nn
 
 import mlocompile as mlo
 from mlocompile import viz
 from mlocompile.errors import MLOError, ProgramError
 from mlocompile.ir import ROLES
+from programs import chain_engine, mwn_engine
 
 NODE = re.compile(r'^\s*("(?:[^"\\]|\\.)*") (\[.*\]);$')
 EDGE = re.compile(r'^\s*("(?:[^"\\]|\\.)*") -> ("(?:[^"\\]|\\.)*")(?: (\[.*\]))?;$')
