@@ -31,6 +31,7 @@ class Config:
     precision: str = "fp32"
     initial_dynamic_scale: float = 4096.0
     scale_factor: float = 2.0
+    scale_growth_interval: int = 2000
     warmup_steps: int = 0
     log_step: int = -1
     log_local_step: bool = False
@@ -56,10 +57,10 @@ class Config:
                 raise ProgramError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         if self.darts_alpha <= 0 or self.cg_alpha <= 0 or self.neumann_alpha <= 0:
             raise ProgramError(f"{where}: darts_alpha, neumann_alpha and cg_alpha must be > 0")
-        if self.precision == "fp16":
+        if self.precision == "fp16" and (self.initial_dynamic_scale <= 0 or self.scale_factor <= 1):
             raise ProgramError(
-                f"{where}: precision='fp16' needs dynamic loss scaling, which is not implemented yet; "
-                "use precision='bf16' (same exponent range as fp32, no scaler needed)"
+                f"{where}: precision='fp16' needs dynamic loss scaling: initial_dynamic_scale > 0 and "
+                f"scale_factor > 1 (got {self.initial_dynamic_scale}, {self.scale_factor})"
             )
         if self.type == "itd" and self.gradient_accumulation != 1:
             raise ProgramError(

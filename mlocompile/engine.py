@@ -45,6 +45,9 @@ class _Runtime:
     window: dict[str, Any] | None = None
     acc: dict[str, Tensor] = field(default_factory=dict)
     last_loss: float = float("nan")
+    scale: float = 0.0  # fp16 dynamic loss scale (0: not fp16)
+    good_steps: int = 0
+    skipped_steps: int = 0
 
 
 class Engine:
@@ -84,8 +87,10 @@ class Engine:
         self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
         self.executor.memory_budget = self.config.memory_budget
         self._run = {n: _Runtime(ready={c: False for c in self.program.children(n)}) for n in self.program.problems}
-        for name in self.program.problems:
+        for name, problem in self.program.problems.items():
             self._run[name].roll_back = self.config.roll_back and bool(self.program.parents(name))
+            if problem.config.precision == "fp16":
+                self._run[name].scale = problem.config.initial_dynamic_scale
         self.history: list[dict[str, Any]] = []
         self._metrics: MetricsLogger | None = None
         self.early_stopping_best: float | None = None
@@ -305,7 +310,7 @@ class Engine:
         for q in needed_windows(self.program, name):
             win = self._run[q].window
             windows[q] = win if win is not None and win["batches"] else self._fresh_window(q)
-        return {
+        inputs: dict[str, Any] = {
             "params": self.fp.read_params(),
             "buffers": self.fp.read_buffers(),
             "batch": batch,
@@ -315,11 +320,16 @@ class Engine:
             "acc": dict(acc or {}),
             "windows": windows,
         }
+        if self._run[name].scale:
+            inputs["scale"] = torch.tensor(self._run[name].scale, dtype=torch.float32)
+        return inputs
 
     def _execute(self, name: str, batch: Any, update: bool) -> None:
         run, problem = self._run[name], self.program.problems[name]
         out = self.executor.run(StepVariant(name, update), self.step_inputs(name, batch, run.acc))
         loss = float(out["loss"])
+        if "found_inf" in out and self._update_scale(name, bool(out["found_inf"])):
+            return  # fp16 overflow: the step was skipped inside the graph and the scale backed off
         if self.config.check_finite and not (math.isfinite(loss) and math.isfinite(float(out["grad_norm"]))):
             raise NonFiniteError(
                 f"problem {name!r} at global step {self.global_step} (local step {run.count}): "
@@ -342,6 +352,26 @@ class Engine:
             record.update({k: float(v) for k, v in out["logs"].items()})
             self._record(record)
             log.info("[%s] step %d local %d %s", name, self.global_step, run.count, record)
+
+    def _update_scale(self, name: str, found_inf: bool) -> bool:
+        """GradScaler's rule: halve on overflow, grow by scale_factor after a run of good steps."""
+        run, cfg = self._run[name], self.program.problems[name].config
+        if found_inf:
+            run.scale *= 0.5
+            run.good_steps = 0
+            run.skipped_steps += 1
+            log.warning(
+                "problem %r: fp16 overflow at global step %d; step skipped, loss scale now %g",
+                name,
+                self.global_step,
+                run.scale,
+            )
+            return True
+        run.good_steps += 1
+        if run.good_steps >= cfg.scale_growth_interval:
+            run.scale *= cfg.scale_factor
+            run.good_steps = 0
+        return False
 
     # -- compilation support ---------------------------------------------------------------------
     def _current_batch(self, name: str) -> Any:

@@ -82,17 +82,21 @@ def build_step(
 
     def body(inputs: dict[str, Any]) -> dict[str, Any]:
         params, buffers = inputs["params"], inputs["buffers"]
+        scale = inputs.get("scale")  # fp16 only: dynamic loss scale, as GradScaler keeps it
 
         def objective(wrt: dict[str, Params]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
             merged = params
             for key, value in wrt.items():
                 merged = with_params(merged, key, value)
             loss, logs = fp.loss(name, merged, buffers, inputs["batch"])
-            return loss / cfg.gradient_accumulation, (loss, logs)
+            scaled = loss / cfg.gradient_accumulation
+            return (scaled if scale is None else scaled * scale), (loss, logs)
 
         wrt = {key: params[key] for key in [name, *firsts]}
         with annotate(problem=name, role="grad"):
             grads, (loss, logs) = torch.func.grad(objective, has_aux=True)(wrt)
+            if scale is not None:  # unscale at once: hypergradients and updates see true values
+                grads = {p: {k: g / scale for k, g in gs.items()} for p, gs in grads.items()}
         total = dict(grads[name])
         if plan:
             windows = {k: Window(**w) for k, w in inputs["windows"].items()}
@@ -105,6 +109,9 @@ def build_step(
                 total = {k: g + inputs["acc"][k] for k, g in total.items()}
             grad_norm = torch.sqrt(sum((g * g).sum() for g in total.values()))
         out: dict[str, Any] = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "logs": logs}
+        found_inf = ~torch.isfinite(grad_norm) if scale is not None else None
+        if found_inf is not None:
+            out["found_inf"] = found_inf
         if not variant.update:
             out.update(params={}, opt={}, acc=total)
             return out
@@ -118,6 +125,13 @@ def build_step(
         with annotate(problem=name, role="callback"):
             if problem.is_implemented("param_callback"):
                 new_params = problem.param_callback(new_params) or new_params  # type: ignore[attr-defined]
+        if found_inf is not None:
+            with annotate(problem=name, role="update"):  # skip the step on overflow (GradScaler)
+                new_params = {k: torch.where(found_inf, params[name][k], t) for k, t in new_params.items()}
+                new_state = {
+                    k: {s: torch.where(found_inf, inputs["opt"][k][s], t) for s, t in st.items()}
+                    for k, st in new_state.items()
+                }
         out.update(params=new_params, opt=new_state, acc={})
         return out
 

@@ -54,6 +54,49 @@ def test_master_weights_and_outputs_stay_fp32():
             assert not isinstance(val, torch.Tensor) or val.dtype != torch.bfloat16, arg.name
 
 
-def test_fp16_is_refused_with_a_clear_message():
-    with pytest.raises(mlo.ProgramError, match=r"precision='fp16' needs dynamic loss scaling.*bf16"):
-        mlo.Config(precision="fp16").validate("inner")
+def test_fp16_needs_a_working_scaler():
+    with pytest.raises(mlo.ProgramError, match=r"precision='fp16' needs dynamic loss scaling"):
+        mlo.Config(precision="fp16", scale_factor=1.0).validate("inner")
+
+
+def _fp16_engine(scale: float):
+    engine = _with_precision(mwn_engine("darts"), "fp16")
+    for problem in engine.program.problems.values():
+        problem.config.initial_dynamic_scale = scale
+        engine._run[problem.name].scale = scale
+    return engine
+
+
+def test_fp16_overflow_skips_the_step_and_backs_off():
+    """An injected overflow (a loss scale fp16 cannot hold) skips the update, as GradScaler does."""
+    engine = _fp16_engine(1e30)
+    inner = engine.program.problems["inner"]
+    before = [p.detach().clone() for p in inner.module.parameters()]
+    engine.train_step()
+    assert all(torch.equal(b, p) for b, p in zip(before, inner.module.parameters()))
+    assert engine._run["inner"].skipped_steps == 1 and engine._run["inner"].scale == 5e29
+    assert not inner.optimizer.state  # no optimizer step was taken
+
+
+def test_fp16_with_a_sane_scale_trains_close_to_fp32():
+    engine = _fp16_engine(1024.0)
+    ref = mwn_engine("darts")
+    for _ in range(3):
+        engine.train_step()
+        ref.train_step()
+    assert engine._run["inner"].skipped_steps == 0
+    got = torch.cat([p.flatten() for p in engine.program.problems["inner"].module.parameters()])
+    want = torch.cat([p.flatten() for p in ref.program.problems["inner"].module.parameters()])
+    assert (got - want).norm() / want.norm() < 1e-2
+    assert "float16" in mlo.compile(engine).ir
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 speed and GradScaler parity need a CUDA GPU")
+def test_fp16_on_gpu_matches_gradscaler_semantics():
+    engine = _fp16_engine(2.0**16)
+    for problem in engine.program.problems.values():
+        problem.module.cuda()
+        problem.train_data_loader = [tuple(t.cuda() for t in b) for b in problem.train_data_loader]
+    for _ in range(3):
+        engine.train_step()
+    assert all(p.is_cuda and p.dtype == torch.float32 for p in engine.program.problems["inner"].module.parameters())
