@@ -38,12 +38,15 @@ class StepExecutor:
         self.latest: dict[str, TracedStep] = {}
         self.report = PassReport()
         self.memory_budget: float | None = None
+        self.world_size = 1
 
     def step_fn(self, variant: StepVariant) -> StepFn:
         """Return the (cached) pure step function of ``variant``."""
         key = (variant, tuple(sorted(self.init_sources.items())))
         if key not in self._fns:
-            self._fns[key] = build_step(self.fp, self.program, self.optimizers, dict(self.init_sources), variant)
+            self._fns[key] = build_step(
+                self.fp, self.program, self.optimizers, dict(self.init_sources), variant, self.world_size
+            )
         return self._fns[key]
 
     def run(self, variant: StepVariant, inputs: dict[str, Any]) -> dict[str, Any]:

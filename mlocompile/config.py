@@ -93,6 +93,8 @@ class EngineConfig:
     output_dir: str | None = None
     log_every: int = 10
     memory_budget: float | None = None
+    dist_timeout_s: float = 300.0
+    dist_check_every: int = 0
     check_finite: bool = True
 
     def validate(self) -> None:
@@ -107,10 +109,9 @@ class EngineConfig:
             raise ProgramError(
                 "EngineConfig.memory_budget must be > 0: bytes, or a fraction (<= 1) of the estimated peak"
             )
-        if self.strategy not in ("default", "cpu", "gpu"):
+        if self.strategy not in ("default", "cpu", "gpu", "distributed"):
             raise ProgramError(
-                f"EngineConfig.strategy={self.strategy!r} is not supported yet; use 'default' "
-                "(data-parallel 'distributed' is planned)"
+                f"EngineConfig.strategy={self.strategy!r}; use 'default' or 'distributed' (data parallel)"
             )
 
 

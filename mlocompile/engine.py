@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from mlocompile import checkpoint
+from mlocompile import checkpoint, distributed
 from mlocompile.codegen import StepExecutor
 from mlocompile.config import EngineConfig
 from mlocompile.decorator import declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
@@ -79,6 +80,8 @@ class Engine:
             build_program(self.problems, self.dependencies, declared_levels(self.problems) or None)
         )
         self._warn_undeclared = explicit
+        self.rank, self.world_size = 0, 1
+        self._dist_ready = False
         self.global_step = 0
         self._stopped = False
         self._checked = False
@@ -140,6 +143,33 @@ class Engine:
         self._check_program()
         for leaf in self.program.leaves:
             self._step(leaf)
+        every = self.config.dist_check_every
+        if self.world_size > 1 and every > 0 and self.global_step % every == 0:
+            tensors = {
+                n: [t for p in prob.trainable_parameters() for t in (p, *self._opt_tensors(prob, p))]
+                for n, prob in self.program.problems.items()
+            }
+            distributed.check_identical(tensors, self.global_step)
+
+    @staticmethod
+    def _opt_tensors(problem: Problem, param: Tensor) -> list[Tensor]:
+        assert problem.optimizer is not None
+        return [v for v in problem.optimizer.state.get(param, {}).values() if isinstance(v, Tensor)]
+
+    def _setup_distributed(self) -> None:
+        if self.config.strategy != "distributed" or self._dist_ready:
+            return
+        self._dist_ready = True
+        self.rank, self.world_size = distributed.init_process_group(self.config.backend, self.config.dist_timeout_s)
+        if self.world_size == 1:
+            return
+        distributed.broadcast_parameters(p.module for p in self.program.problems.values() if p.module is not None)
+        for problem in self.program.problems.values():
+            problem.train_data_loader = distributed.shard_loader(problem._loaders(), self.rank, self.world_size)
+            if len(problem.train_data_loader) == 1:
+                problem.train_data_loader = problem.train_data_loader[0]
+            problem._iterators = None
+        self.executor.world_size = self.world_size
 
     def run(self) -> None:
         """Train until ``train_iters`` global steps, with validation, early stopping and progress.
@@ -147,14 +177,18 @@ class Engine:
         A resumed engine (``load``) continues from its saved global step.
         """
         self.train()
-        bar = ProgressBar(self.config.train_iters, self.config.progress)
+        self._check_program()
+        bar = ProgressBar(self.config.train_iters, self.config.progress and self.rank == 0)
         try:
             while self.global_step < self.config.train_iters:
                 self.global_step += 1
                 self.train_step()
                 bar.update(self.global_step, {n: r.last_loss for n, r in self._run.items()})
                 if self.global_step % self.config.valid_step == 0 and self.is_implemented("validation"):
-                    if self._validate():
+                    stop = self._validate() if self.rank == 0 else False
+                    if self.world_size > 1:  # every rank must leave the loop together
+                        stop = distributed.broadcast_flag(stop)
+                    if stop:
                         log.info("early stopping at global step %d", self.global_step)
                         break
         finally:
@@ -162,17 +196,26 @@ class Engine:
             self.train()
 
     def save(self, path: str) -> str:
-        """Write a checkpoint atomically; ``load`` on an engine built the same way resumes exactly."""
-        return checkpoint.save(self, path)
+        """Write a checkpoint atomically; ``load`` on an engine built the same way resumes exactly.
+
+        Under ``strategy="distributed"`` rank 0 writes (ranks hold identical state) and
+        the others wait for it; every rank can then ``load`` the file.
+        """
+        if self.rank == 0:
+            checkpoint.save(self, path)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
 
     def load(self, path: str) -> None:
         """Restore a checkpoint written by ``save`` (weights, optimizer, schedule, data, RNG)."""
+        self._setup_distributed()  # first: the saved data position is within this rank's shard
         checkpoint.load(self, path)
 
     @property
     def metrics(self) -> MetricsLogger | None:
         """The metric files writer (``EngineConfig.output_dir``), or None."""
-        if self._metrics is None and self.config.output_dir:
+        if self._metrics is None and self.config.output_dir and self.rank == 0:
             self._metrics = MetricsLogger(self.config.output_dir, tensorboard=self.config.logger_type == "tensorboard")
         return self._metrics
 
@@ -392,6 +435,7 @@ class Engine:
         """Check, before the first step, that every declared dependency is used by a loss."""
         if self._checked:
             return
+        self._setup_distributed()
         for name, problem in self.program.problems.items():
             if problem.is_implemented("on_inner_loop_start") and self._run[name].loop_start:
                 self._start_loop(name)

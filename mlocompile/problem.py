@@ -185,6 +185,7 @@ class Problem:
                 # NOTE: the RNG state at iterator creation fixes a shuffled loader's order,
                 # which is what lets a checkpoint restore the exact data position
                 self._iter_rng[i], self._consumed[i] = torch.get_rng_state(), 0
+                _set_epoch(loader, self.epoch_counter[i])
                 self._iterators[i] = iter(loader)
                 try:
                     batch = next(self._iterators[i])
@@ -214,8 +215,11 @@ class Problem:
         rng = torch.get_rng_state()
         try:
             self._iterators = []
-            for loader, start, consumed in zip(loaders, state["iter_rng"], state["consumed"]):
+            for loader, start, consumed, epoch in zip(
+                loaders, state["iter_rng"], state["consumed"], state["epoch_counter"]
+            ):
                 torch.set_rng_state(start)
+                _set_epoch(loader, epoch)
                 it = iter(loader)
                 for _ in range(consumed):
                     next(it)
@@ -225,6 +229,13 @@ class Problem:
         self.epoch_counter = list(state["epoch_counter"])
         self._iter_rng = list(state["iter_rng"])
         self._consumed = list(state["consumed"])
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    # a DistributedSampler reshuffles per epoch only when told the epoch
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
 
 
 ImplicitProblem = Problem

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mlocompile.distributed import average_gradients
 from mlocompile.functional import FunctionalProgram, Params, with_params
 from mlocompile.hypergrad import StepEnv, Window, run_plan
 from mlocompile.ir import annotate
@@ -58,6 +59,7 @@ def build_step(
     optimizers: dict[str, FunctionalOptimizer],
     init_sources: dict[str, str],
     variant: StepVariant,
+    world_size: int = 1,
 ) -> StepFn:
     """Return the pure step function of ``variant.problem``.
 
@@ -107,6 +109,10 @@ def build_step(
         with annotate(problem=name, role="update"):
             if inputs["acc"]:
                 total = {k: g + inputs["acc"][k] for k, g in total.items()}
+        if world_size > 1 and variant.update:
+            with annotate(problem=name, role="comm"):  # DDP: the averaged gradient is what every rank applies
+                total = average_gradients(total, world_size)
+        with annotate(problem=name, role="update"):
             grad_norm = torch.sqrt(sum((g * g).sum() for g in total.values()))
         out: dict[str, Any] = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "logs": logs}
         found_inf = ~torch.isfinite(grad_norm) if scale is not None else None

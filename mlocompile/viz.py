@@ -27,6 +27,7 @@ ROLE_COLORS: dict[str, str] = {
     "grad": "#ffbb78",
     "direct": "#f7b6d2",
     "hypergrad": "#ff9896",
+    "comm": "#dbdb8d",
     "update": "#98df8a",
     "callback": "#c5b0d5",
 }

@@ -1,0 +1,128 @@
+"""Data-parallel training on torch.distributed (DDP semantics), launched by torchrun.
+
+Each rank reads its own shard of every problem's data, computes its gradients
+(direct + hypergradients) on that shard, and the step graph averages the final
+gradient of the stepping problem across ranks with a traceable all-reduce right
+before the optimizer update, so parameters and optimizer state stay identical.
+Best-response products (e.g. the darts perturbation norm ‖v‖) are computed from
+the rank's own shard: each rank computes the hypergradient of its shard exactly as
+one process would, and the average of those is what every rank applies.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from mlocompile.errors import MLOError
+
+
+class DistributedError(MLOError):
+    """Ranks disagree, or the process group cannot be set up."""
+
+
+def init_process_group(backend: str | None, timeout_s: float) -> tuple[int, int]:
+    """Join the torchrun process group (env:// from RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise DistributedError(
+                f"strategy='distributed' needs torchrun's environment ({', '.join(missing)} unset); launch with "
+                "`torchrun --nproc_per_node N script.py` or `mlocompile run EXAMPLE --nproc N`"
+            )
+        chosen = backend if backend in ("gloo", "nccl") else ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(grads: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """All-reduce (sum) the gradients as one flat buffer, divide by the world size.
+
+    Traceable: make_fx records ``_c10d_functional.all_reduce`` + ``wait_tensor``.
+    """
+    keys = list(grads)
+    flat = torch.cat([grads[k].reshape(-1) for k in keys])
+    group = dist.group.WORLD
+    assert group is not None, "average_gradients needs an initialized process group"
+    flat = funcol.all_reduce(flat, "sum", group) / world_size
+    out, offset = {}, 0
+    for k in keys:
+        n = grads[k].numel()
+        out[k] = flat[offset : offset + n].view_as(grads[k])
+        offset += n
+    return out
+
+
+class StridedBatches:
+    """A rank's shard of a plain iterable of batches: batches rank, rank+W, rank+2W, ..."""
+
+    def __init__(self, batches: Iterable[Any], rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.batches):
+            if i % self.world_size == self.rank:
+                yield batch
+
+
+def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
+    """Return ``loader``'s shard for ``rank``.
+
+    A DataLoader over a map-style dataset gets a DistributedSampler (shuffled iff the
+    original was; reshuffled per epoch via ``set_epoch``); any other iterable of
+    batches is strided: rank r takes batches r, r+W, ... (so every rank should see
+    the same number of batches per epoch: make the count divisible by W).
+    """
+    if isinstance(loader, tuple):
+        return tuple(shard_loader(ld, rank, world_size) for ld in loader)
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            loader.dataset,
+            world_size,
+            rank,
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            drop_last=loader.drop_last,
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            drop_last=loader.drop_last,
+        )
+    return StridedBatches(loader, rank, world_size)
+
+
+def broadcast_parameters(modules: Iterable[torch.nn.Module]) -> None:
+    """Make every rank start from rank 0's parameters and buffers."""
+    for module in modules:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def check_identical(named: dict[str, list[torch.Tensor]], step: int) -> None:
+    """Raise DistributedError naming the problem if its tensors differ across ranks."""
+    for name, tensors in named.items():
+        mine = torch.stack([t.detach().double().sum() for t in tensors] + [torch.zeros((), dtype=torch.float64)])
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise DistributedError(
+                f"problem {name!r}: parameters or optimizer state differ across ranks at global step {step}; "
+                "every rank must run the same program on equally many batches"
+            )
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Return rank 0's ``flag`` on every rank (e.g. an early-stopping decision)."""
+    box = [flag]
+    dist.broadcast_object_list(box, 0)
+    return bool(box[0])
