@@ -1,6 +1,6 @@
 """Command line: run an MLO program and print or draw what mlocompile compiled.
 
-    mlocompile run   EXAMPLE [--backend fx] [--iters N] [--out DIR]
+    mlocompile run   EXAMPLE [--backend fx] [--iters N] [--out DIR] [--nproc N]
     mlocompile ir    EXAMPLE          # the annotated IR
     mlocompile code  EXAMPLE          # the generated Python of every step
     mlocompile graph EXAMPLE -o FILE  # diagram (.svg/.png/.pdf/.dot), --kind program|step
@@ -81,13 +81,38 @@ def write_artifacts(compiled: Any, out_dir: str) -> list[str]:
     return written
 
 
+def _launch(args: argparse.Namespace) -> None:
+    """Re-run this command under torchrun with ``--nproc`` processes on this machine."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "mlocompile", "run", args.example]
+    for flag, value in (("--backend", args.backend), ("--iters", args.iters), ("--out", args.out)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    code = subprocess.call(cmd)
+    if code:
+        raise CliError(f"torchrun exited with status {code}")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     import mlocompile as mlo
 
+    if args.nproc > 1 and "RANK" not in os.environ:
+        _launch(args)
+        return
     engine = load_engine(args.example, iters=args.iters, backend=args.backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        engine.config.strategy = "distributed"
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.example.split(":")[0]))[0])
     engine.config.output_dir = out
     engine.run()
+    if engine.rank != 0:
+        return
     for path in write_artifacts(mlo.compile(engine), out):
         print(f"wrote {path}")
     last = {}
@@ -158,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=["eager", "fx", "inductor"])
     run.add_argument("--iters", type=int)
     run.add_argument("--out", help="output folder (default out/<example>)")
+    run.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (wraps torchrun)")
     run.set_defaults(func=_cmd_run)
     for name, text in (
         ("ir", "print the IR"),

@@ -60,16 +60,29 @@ def average_gradients(grads: dict[str, torch.Tensor], world_size: int) -> dict[s
     return out
 
 
-class StridedBatches:
-    """A rank's shard of a plain iterable of batches: batches rank, rank+W, rank+2W, ..."""
+class SplitBatches:
+    """A rank's shard of a plain iterable of batches: each batch split along dim 0.
+
+    Every tensor in a batch (tuple, list or dict of tensors) is cut into W chunks
+    with ``torch.tensor_split`` and rank r keeps chunk r, so every rank sees as many
+    batches as one process would (the schedule stays in lockstep).
+    """
 
     def __init__(self, batches: Iterable[Any], rank: int, world_size: int) -> None:
         self.batches, self.rank, self.world_size = batches, rank, world_size
 
     def __iter__(self) -> Iterator[Any]:
-        for i, batch in enumerate(self.batches):
-            if i % self.world_size == self.rank:
-                yield batch
+        for batch in self.batches:
+            yield torch.utils._pytree.tree_map(self._chunk, batch)
+
+    def _chunk(self, leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            if leaf.shape[0] < self.world_size:
+                raise DistributedError(
+                    f"a batch of {leaf.shape[0]} rows cannot be split across {self.world_size} ranks"
+                )
+            return torch.tensor_split(leaf, self.world_size)[self.rank]
+        return leaf
 
 
 def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
@@ -77,8 +90,7 @@ def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
 
     A DataLoader over a map-style dataset gets a DistributedSampler (shuffled iff the
     original was; reshuffled per epoch via ``set_epoch``); any other iterable of
-    batches is strided: rank r takes batches r, r+W, ... (so every rank should see
-    the same number of batches per epoch: make the count divisible by W).
+    batches is split: rank r keeps the r-th of W chunks of every batch (dim 0).
     """
     if isinstance(loader, tuple):
         return tuple(shard_loader(ld, rank, world_size) for ld in loader)
@@ -98,7 +110,7 @@ def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
             collate_fn=loader.collate_fn,
             drop_last=loader.drop_last,
         )
-    return StridedBatches(loader, rank, world_size)
+    return SplitBatches(loader, rank, world_size)
 
 
 def broadcast_parameters(modules: Iterable[torch.nn.Module]) -> None:

@@ -122,3 +122,27 @@ def test_a_failing_rank_brings_the_group_down(tmp_path):
     assert proc.returncode != 0
     assert "NonFiniteError" in proc.stderr + proc.stdout
     assert time.monotonic() - start < 180  # no hang until the collective timeout of a stuck peer
+
+
+def test_command_line_launcher(tmp_path):
+    root = Path(WORKER).parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlocompile",
+        "run",
+        str(root / "examples" / "hpo_l2.py"),
+        "--iters",
+        "10",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[validation] step 10" in proc.stdout
+    assert (tmp_path / "run" / "ir.txt").exists()
+    assert proc.stdout.count("wrote ") == 5  # rank 0 alone writes the artifacts
