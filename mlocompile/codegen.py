@@ -12,7 +12,7 @@ from mlocompile.functional import FunctionalProgram
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.step import StepFn, StepVariant, build_step
-from mlocompile.trace import TracedStep, flatten_inputs, trace_step
+from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
 from passes import PassReport, run_graph_pipeline
 
 
@@ -53,11 +53,12 @@ class StepExecutor:
         """Run one step of ``variant`` on ``inputs`` with the configured backend."""
         if self.backend == "eager":
             return self.step_fn(variant)(inputs)
-        return self.traced(variant, inputs)(flatten_inputs(inputs))
-
-    def traced(self, variant: StepVariant, inputs: dict[str, Any]) -> TracedStep:
-        """Return the compiled step for these inputs, tracing and optimizing it if new."""
         flat = flatten_inputs(inputs)
+        return self.traced(variant, inputs, flat)(flat)
+
+    def traced(self, variant: StepVariant, inputs: dict[str, Any], flat: FlatInputs | None = None) -> TracedStep:
+        """Return the compiled step for these inputs, tracing and optimizing it if new."""
+        flat = flatten_inputs(inputs) if flat is None else flat
         opt_sig = self.optimizers[variant.problem].signature()
         key = (variant, tuple(sorted(self.init_sources.items())), opt_sig, flat.key())
         traced = self._traced.get(key)

@@ -338,7 +338,7 @@ class Engine:
 
     def _restore(self, name: str, snap: dict[str, Any]) -> None:
         problem = self.program.problems[name]
-        for key, param in problem.named_trainable_parameters().items():
+        for key, param in self.fp.named_params()[name].items():
             param.data = snap["params"][key]
         assert problem.module is not None
         for key, buf in problem.module.named_buffers():
@@ -381,7 +381,7 @@ class Engine:
             )
         run.last_loss = loss
         if update:
-            for key, param in problem.named_trainable_parameters().items():
+            for key, param in self.fp.named_params()[name].items():
                 param.data = out["params"][key]
             self.optimizers[name].write_state(out["opt"])
             # NOTE: LR schedulers check this flag (set by optimizer.step) to warn about call order

@@ -33,20 +33,26 @@ class FunctionalProgram:
     def __init__(self, problems: dict[str, Problem]) -> None:
         self.problems = problems
         self.root = _ProgramModule(problems)
+        self._params: dict[str, dict[str, nn.Parameter]] | None = None
+        self._buffers: ProgramParams | None = None
+
+    def named_params(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every problem's trainable parameters by name (looked up once: walking modules is slow)."""
+        if self._params is None:
+            self._params = {n: prob.named_trainable_parameters() for n, prob in self.problems.items()}
+        return self._params
 
     def read_params(self) -> ProgramParams:
         """Return every problem's trainable parameters (detached aliases, no copies)."""
-        return {
-            n: {k: p.detach() for k, p in prob.named_trainable_parameters().items()}
-            for n, prob in self.problems.items()
-        }
+        return {n: {k: p.detach() for k, p in named.items()} for n, named in self.named_params().items()}
 
     def read_buffers(self) -> ProgramParams:
-        """Return every problem's buffers (aliases, no copies)."""
-        return {
-            n: {} if prob.module is None else {k: b for k, b in prob.module.named_buffers()}
-            for n, prob in self.problems.items()
-        }
+        """Return every problem's buffers (aliases, no copies; updated in place by modules)."""
+        if self._buffers is None:
+            self._buffers = {
+                n: {} if prob.module is None else dict(prob.module.named_buffers()) for n, prob in self.problems.items()
+            }
+        return {n: dict(b) for n, b in self._buffers.items()}
 
     def loss(
         self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any

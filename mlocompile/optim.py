@@ -117,8 +117,17 @@ class FunctionalOptimizer:
                     "weight_decay": g["weight_decay"],
                 }
             for k, v in values.items():
-                out[f"{i}.{k}"] = torch.tensor(float(v), dtype=torch.float64)
+                out[f"{i}.{k}"] = self._scalar(float(v))
         return out
+
+    def _scalar(self, value: float) -> Tensor:
+        # NOTE: hyperparameters rarely change; reuse one 0-dim tensor per value (never mutated)
+        cache = self.__dict__.setdefault("_scalars", {})
+        if value not in cache:
+            if len(cache) > 4096:  # a schedule that never repeats: keep the cache bounded
+                cache.clear()
+            cache[value] = torch.tensor(value, dtype=torch.float64)
+        return cache[value]  # type: ignore[no-any-return]
 
     def read_state(self) -> StateDict:
         """Return each parameter's state, zero-initialised where torch has none yet.

@@ -54,6 +54,7 @@ class ProgramGraph:
     paths: dict[str, list[HyperPath]] = field(default_factory=dict)
     plans: dict[str, list[VjpOp]] = field(default_factory=dict)
     path_ends: dict[str, list[int]] = field(default_factory=dict)
+    _memo: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
 
     # -- queries ----------------------------------------------------------------------
     def edges(self, kind: str) -> list[tuple[str, str]]:
@@ -62,11 +63,17 @@ class ProgramGraph:
 
     def parents(self, name: str) -> list[str]:
         """Problems directly above ``name`` (its l2u targets), in declaration order."""
-        return [v for u, v, k in self.graph.out_edges(name, keys=True) if k == "l2u"]
+        key = ("parents", name)
+        if key not in self._memo:  # NOTE: the schedule asks every step; networkx views are slow
+            self._memo[key] = [v for u, v, k in self.graph.out_edges(name, keys=True) if k == "l2u"]
+        return self._memo[key]
 
     def children(self, name: str) -> list[str]:
         """Problems directly below ``name`` (l2u sources into it), in declaration order."""
-        return [u for u, v, k in self.graph.in_edges(name, keys=True) if k == "l2u"]
+        key = ("children", name)
+        if key not in self._memo:
+            self._memo[key] = [u for u, v, k in self.graph.in_edges(name, keys=True) if k == "l2u"]
+        return self._memo[key]
 
     def level(self, name: str) -> int:
         """Level of a problem: 0 for leaves, 1 + the highest child level otherwise."""

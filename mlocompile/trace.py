@@ -24,19 +24,16 @@ class FlatInputs:
     spec: pytree.TreeSpec
     statics: tuple[Any, ...]
     slots: tuple[bool, ...]
-    names: tuple[str, ...] = ()
 
     def key(self) -> tuple[Any, ...]:
         """Return what decides whether a traced graph can be reused for these inputs."""
-        meta = tuple((tuple(t.shape), t.dtype, t.device.type) for t in self.tensors)
-        return (str(self.spec), self.statics, meta)
+        meta = tuple((t.shape, t.dtype, t.device.type) for t in self.tensors)
+        return (self.spec, self.statics, meta)
 
 
 def flatten_inputs(inputs: dict[str, Any]) -> FlatInputs:
     """Split a step's input pytree into tensors (graph inputs) and static leaves."""
-    with_paths, spec = pytree.tree_flatten_with_path(inputs)
-    leaves = [x for _, x in with_paths]
-    names = tuple(_path_name(path) for path, x in with_paths if isinstance(x, torch.Tensor))
+    leaves, spec = pytree.tree_flatten(inputs)
     slots = tuple(isinstance(x, torch.Tensor) for x in leaves)
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     statics = tuple(x for x in leaves if not isinstance(x, torch.Tensor))
@@ -46,7 +43,13 @@ def flatten_inputs(inputs: dict[str, Any]) -> FlatInputs:
         raise TraceError(
             f"a batch holds an unhashable non-tensor value ({exc}); batches may hold tensors, numbers and strings"
         ) from None
-    return FlatInputs(tensors, spec, statics, slots, names)
+    return FlatInputs(tensors, spec, statics, slots)
+
+
+def input_names(inputs: dict[str, Any]) -> tuple[str, ...]:
+    """Return the dotted path of every tensor leaf (``params.inner.0.weight``), in flat order."""
+    with_paths, _ = pytree.tree_flatten_with_path(inputs)
+    return tuple(_path_name(path) for path, x in with_paths if isinstance(x, torch.Tensor))
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -108,7 +111,7 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
         torch.set_rng_state(rng)
     adopt_annotations(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, name in zip(placeholders, flat.names):
+    for node, name in zip(placeholders, input_names(unflatten_inputs(flat, flat.tensors))):
         node.meta["mlo.input"] = name
     return TracedStep(gm=gm, out_spec=holder["spec"], title=title)
 
