@@ -82,7 +82,7 @@ class EngineConfig:
     valid_step: int = 500
     logger_type: str = "none"
     roll_back: bool = False
-    backend: str = "gloo"
+    backend: str = "auto"  # torch.distributed backend: "gloo", "nccl", or "auto" (nccl iff CUDA)
     strategy: str = "default"
     early_stopping: bool = False
     early_stopping_mode: str = "min"
