@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -30,3 +31,12 @@ def golden(request):
         )
 
     return check
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as the default dtype (hypergradient references need it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

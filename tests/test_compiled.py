@@ -13,12 +13,7 @@ from programs import chain_engine, mwn_engine
 METHODS = ["darts", "neumann", "cg", "itd"]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _params(engine):

@@ -11,12 +11,7 @@ import mlocompile as mlo
 BACKENDS = ["eager", "fx"]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Vec(nn.Module):
