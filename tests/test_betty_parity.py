@@ -339,6 +339,9 @@ MWN_CASES = {
     "neumann": {"type": "neumann", "neumann_iterations": 3, "neumann_alpha": 0.1},
     "cg": {"type": "cg", "cg_iterations": 1, "cg_alpha": 1.0},
     "darts_unroll2": {"type": "darts", "unroll_steps": 2},
+    "darts_accumulate2": {"type": "darts", "gradient_accumulation": 2},
+    "darts_warmup3": {"type": "darts", "warmup_steps": 3},
+    "darts_clip": {"type": "darts", "gradient_clipping": 0.05},
 }
 HPO_CASES = {
     "darts": {"type": "darts"},
