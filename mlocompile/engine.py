@@ -185,6 +185,7 @@ class Engine:
                 self.train_step()
                 bar.update(self.global_step, {n: r.last_loss for n, r in self._run.items()})
                 if self.global_step % self.config.valid_step == 0 and self.is_implemented("validation"):
+                    bar.clear()
                     stop = self._validate() if self.rank == 0 else False
                     if self.world_size > 1:  # every rank must leave the loop together
                         stop = distributed.broadcast_flag(stop)

@@ -37,6 +37,13 @@ class ProgressBar:
         self.stream.write(line[:200].ljust(80))
         self.stream.flush()
 
+    def clear(self) -> None:
+        """Erase the bar's line so other output (validation prints) starts on a clean line."""
+        if self.enabled:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+            self._last_draw = 0.0
+
     def close(self) -> None:
         """End the bar's line."""
         if self.enabled:

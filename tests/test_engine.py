@@ -172,6 +172,10 @@ def test_progress_bar_only_on_terminals():
         bar.close()
     assert "10/10" in tty.getvalue() and "inner 0.5" in tty.getvalue() and "outer 1.25" in tty.getvalue()
     assert pipe.getvalue() == ""
+    bar = ProgressBar(10, True, tty)
+    bar.update(3, {"inner": 0.5}, force=True)
+    bar.clear()
+    assert tty.getvalue().endswith("\r")  # the next print starts at column 0 of an erased line
     off = FakeTTY()
     ProgressBar(10, False, off).update(5, {}, force=True)
     assert off.getvalue() == ""
