@@ -247,8 +247,7 @@ class Engine:
 
     def _validate(self) -> bool:
         self.eval()
-        with torch.no_grad():
-            stats = self.validation() or {}
+        stats = self.validation() or {}  # NOTE: grad mode as the user has it (Betty); MAML adapts here
         self.train()
         stats = {k: float(v) if isinstance(v, (Tensor, int, float)) else v for k, v in stats.items()}
         self._record({"tag": "validation", "step": self.global_step, **stats})

@@ -1,0 +1,130 @@
+"""examples/data_reweighting.py: the data is noisy and long-tailed, and Meta-Weight-Net learns to down-weight noise."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_reweighting.py"
+ITERS = 200  # the meta-net separates clean from noisy samples within ~100 steps; a second or two per run
+
+
+def _load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("data_reweighting_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mwn() -> Iterator[ModuleType]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: on 2 cores, thread hand-offs cost more than they save
+    yield _load_example()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(mwn: ModuleType) -> Any:
+    engine = mwn.build("darts", iters=ITERS, seed=0)
+    engine.run()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def frozen(mwn: ModuleType) -> Any:
+    """The same program with the meta-net's lr = 0: its initial weighting, never trained."""
+    engine = mwn.build("darts", iters=ITERS, seed=0, meta_lr=0.0)
+    engine.run()
+    return engine
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_train_split_is_long_tailed_and_noisy(mwn: ModuleType, seed: int) -> None:
+    data = mwn.load_data(seed)
+    x, y_seen = data["train"]
+    y_true, noisy = data["train_true"], data["noisy"]
+    counts = torch.bincount(y_true, minlength=mwn.N_CLASSES)
+    assert counts.max().item() / counts.min().item() >= 10, counts
+    assert sorted(counts.tolist(), reverse=True) == mwn.class_counts()
+    # every flipped label went to another class, and nothing else changed
+    assert torch.equal(y_seen != y_true, noisy)
+    assert noisy.sum().item() == round(mwn.NOISE * len(noisy)) and noisy.float().mean().item() >= 0.3
+    # the flips reach every class, so each observed label mixes clean and noisy samples
+    assert set(y_seen[noisy].tolist()) == set(range(mwn.N_CLASSES))
+    for split, per_class in (("meta", mwn.N_META), ("test", mwn.N_TEST)):
+        labels = data[split][1]
+        assert torch.bincount(labels, minlength=mwn.N_CLASSES).tolist() == [per_class] * mwn.N_CLASSES, split
+    assert 0.0 <= x.min().item() and x.max().item() <= 1.0
+    assert torch.equal(mwn.load_data(seed)["train"][1], y_seen), "load_data must be deterministic per seed"
+
+
+def test_class_counts_are_exponential_with_ratio_10(mwn: ModuleType) -> None:
+    counts = mwn.class_counts()
+    assert counts[0] == mwn.N_HEAD and counts[-1] == round(mwn.N_HEAD / 10)
+    ratios = [a / b for a, b in zip(counts, counts[1:])]
+    assert all(abs(r - 10 ** (1 / 9)) < 0.06 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("normalize", ["class", "batch", "none"])
+def test_constant_weights_give_the_mean_cross_entropy(mwn: ModuleType, normalize: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(32, 10, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    scale = 1.0 if normalize == "none" else 0.3  # normalized weights are scale-free
+    loss = mwn.weighted_loss(logits, y, lambda ce: torch.full_like(ce, scale), normalize)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y))
+
+
+def test_class_normalization_against_a_loop(mwn: ModuleType) -> None:
+    # Reference: per label, the weighted mean CE of its samples, times the label's share of the batch.
+    gen = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(40, 10, generator=gen), torch.randint(0, 6, (40,), generator=gen)
+    w = torch.rand(40, 1, generator=gen)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    expected = sum((y == c).sum() / len(y) * (w[y == c, 0] * ce[y == c]).sum() / w[y == c, 0].sum() for c in y.unique())
+    loss = mwn.weighted_loss(logits, y, lambda _: w, "class")
+    torch.testing.assert_close(loss, expected)
+
+
+def test_meta_net_down_weights_mislabelled_samples(mwn: ModuleType, trained: Any, frozen: Any) -> None:
+    stats, control = mwn.evaluate(trained), mwn.evaluate(frozen)
+    assert stats["w_noisy"] < 0.5 * stats["w_clean"], stats
+    # the untrained meta-net does not tell them apart
+    assert abs(control["w_noisy"] / control["w_clean"] - 1) < 0.2, control
+
+
+def test_reweighting_lowers_meta_loss_and_beats_baselines(mwn: ModuleType, trained: Any, frozen: Any) -> None:
+    stats, control = mwn.evaluate(trained), mwn.evaluate(frozen)
+    assert stats["meta_loss"] < 0.7 * control["meta_loss"], (stats, control)
+    baseline = mwn.accuracy(mwn.fit_baseline(ITERS, 0, trained.data), trained.data["test"])
+    assert stats["test_acc"] > max(control["test_acc"], baseline) + 0.05, (stats, control, baseline)
+
+
+def test_unknown_method_is_rejected(mwn: ModuleType) -> None:
+    with pytest.raises(ValueError, match="unknown method 'mwn'"):
+        mwn.build("mwn", iters=10)
+
+
+def test_main_prints_table(mwn: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(2)
+    rows = mwn.main(["--seeds", "0", "1", "--iters", "20"])
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"
+    torch.set_num_threads(1)
+    assert "baseline acc" in out and "MWN acc" in out and "w noisy" in out
+    assert "[  darts] step    20" in out
+    assert [r["seed"] for r in rows] == [0, 1]
+    table = out[out.index("baseline acc") :].splitlines()
+    assert any(line.startswith("mean±std") for line in table)
+    assert all(0.0 <= r["mwn_acc"] <= 1.0 and math.isfinite(r["w_clean"]) for r in rows)
