@@ -194,7 +194,7 @@ def adapted_mse(
 ) -> dict[int, tuple[float, float]]:
     """Return ``{k: (mean, standard error)}`` of the query MSE after k SGD steps from ``init``, over tasks."""
     losses: dict[int, list[float]] = {k: [] for k in eval_steps}
-    with torch.enable_grad():  # NOTE: Engine.validation runs under no_grad
+    with torch.enable_grad():  # NOTE: callers may evaluate under no_grad; adaptation needs gradients
         for task in tasks:
             _adapt_and_record(init, task, losses, lr)
     out = {}
