@@ -1,4 +1,5 @@
 # Quick start: `make demo` runs a real example end to end, `make test` runs the tests.
+# `make bench` runs the side-by-side benchmark (see benchmarks/README.md).
 # Both bootstrap .venv (CPU torch 2.13.0, this package in editable mode, dev tools).
 PY ?= python3
 VENV := .venv
@@ -15,14 +16,21 @@ $(VENV)/.ready: pyproject.toml
 	$(BIN)/pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
 	touch $@
 
+# The main job: Meta-Weight-Net on noisy long-tailed digits (3 seeds vs plain training), then one
+# run through the command line that writes metrics, IR, generated code, cost and diagrams to out/demo.
 demo: $(VENV)/.ready
-	$(BIN)/python examples/hpo_l2.py
+	$(BIN)/python examples/data_reweighting.py
+	$(BIN)/mlocompile run examples/data_reweighting.py --out $(OUT)/demo
+	$(BIN)/mlocompile plot $(OUT)/demo -o $(OUT)/demo/curves.png
 
 test: $(VENV)/.ready
 	$(BIN)/python -m pytest -q
 
+bench: $(VENV)/.ready
+	$(BIN)/python benchmarks/run.py
+
 lint: $(VENV)/.ready
-	$(BIN)/ruff check mlocompile passes tests examples
+	$(BIN)/ruff check mlocompile passes tests examples benchmarks
 	$(BIN)/ruff format --check mlocompile passes
 	$(BIN)/mypy mlocompile passes
 
