@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,3 +91,27 @@ def chain_engine(method: str = "darts", backend: str = "fx", levels: int = 3):
         "l2u": {probs[i]: [probs[i + 1]] for i in range(levels - 1)},
     }
     return mlo.Engine(probs, mlo.EngineConfig(compile=backend), deps)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (examples/ is not a package) as module ``<name>_example``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run with one intra-op thread: for tiny models on 2 cores, thread hand-offs cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hpo_l2.py"
+from programs import load_example, one_thread
+
 ITERS = 300  # 30 outer steps: enough for lambda to move, a second or two per method
-
-
-def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hpo_l2_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def hpo() -> Iterator[ModuleType]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: on 2 cores, thread hand-offs cost more than they save
-    yield _load_example()
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield load_example("hpo_l2")
 
 
 @pytest.fixture(scope="module")

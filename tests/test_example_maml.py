@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -14,25 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "maml.py"
+from programs import load_example, one_thread
+
 META_STEPS = 100  # with meta_lr 1e-2: the 1-step query MSE drops from 4.2 to 3.0; ~3 s
-
-
-def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("maml_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def maml() -> Iterator[ModuleType]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: on 2 cores, thread hand-offs cost more than they save
-    yield _load_example()
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield load_example("maml")
 
 
 @pytest.fixture(scope="module")
