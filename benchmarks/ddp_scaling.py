@@ -40,10 +40,20 @@ def worker(steps: int, out: str) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(128 * 8, 784), torch.randint(0, 10, (128 * 8,)))
     net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
     wnet = nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1))
-    inner = Inner("inner", mlo.Config(), net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-                  train_data_loader=torch.utils.data.DataLoader(data, batch_size=128, shuffle=True))
-    outer = Outer("outer", mlo.Config(), wnet, torch.optim.Adam(wnet.parameters(), 1e-3),
-                  train_data_loader=torch.utils.data.DataLoader(data, batch_size=128, shuffle=True))
+    inner = Inner(
+        "inner",
+        mlo.Config(),
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        train_data_loader=torch.utils.data.DataLoader(data, batch_size=128, shuffle=True),
+    )
+    outer = Outer(
+        "outer",
+        mlo.Config(),
+        wnet,
+        torch.optim.Adam(wnet.parameters(), 1e-3),
+        train_data_loader=torch.utils.data.DataLoader(data, batch_size=128, shuffle=True),
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = mlo.EngineConfig(strategy="distributed" if world > 1 else "default", progress=False)
     engine = mlo.Engine([outer, inner], cfg, {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
@@ -56,7 +66,10 @@ def worker(steps: int, out: str) -> None:
         times.append(time.perf_counter() - start)
     if engine.rank == 0:
         with open(out, "w") as fh:
-            json.dump({"world_size": world, "median_ms": 1e3 * statistics.median(times), "threads": torch.get_num_threads()}, fh)
+            json.dump(
+                {"world_size": world, "median_ms": 1e3 * statistics.median(times), "threads": torch.get_num_threads()},
+                fh,
+            )
 
 
 def main() -> None:
@@ -74,8 +87,22 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = f"/tmp/ddp_scaling_{n}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
-               "--master_port", str(port), __file__, "--steps", str(args.steps), "--worker", out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            __file__,
+            "--steps",
+            str(args.steps),
+            "--worker",
+            out,
+        ]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // n))})
         with open(out) as fh:
             rows.append(json.load(fh))

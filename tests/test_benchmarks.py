@@ -64,7 +64,13 @@ def _params(runner: object, kind: str) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(
     "name,method",
-    [("hpo_d20", "darts"), ("hpo_d20", "neumann"), ("hpo_d20", "cg"), ("chain3_darts", "darts"), ("maml_itd_k5", "itd")],
+    [
+        ("hpo_d20", "darts"),
+        ("hpo_d20", "neumann"),
+        ("hpo_d20", "cg"),
+        ("chain3_darts", "darts"),
+        ("maml_itd_k5", "itd"),
+    ],
 )
 def test_torchfunc_baseline_computes_what_mlocompile_computes(name: str, method: str) -> None:
     old = torch.get_default_dtype()
