@@ -33,16 +33,21 @@ def test_eager_and_fx_agree(method):
     torch.testing.assert_close(runs["fx"], runs["eager"], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("levels", [3, 4])
 @pytest.mark.parametrize("method", METHODS)
-def test_eager_and_fx_agree_on_three_levels(method):
+def test_eager_and_fx_agree_on_deep_programs(method, levels):
     runs = {}
     for backend in ("eager", "fx"):
-        engine = chain_engine(method, backend, levels=3)
+        engine = chain_engine(method, backend, levels=levels)
+        before = _params(engine).clone()
         for _ in range(3):
             engine.train_step()
         runs[backend] = _params(engine)
     torch.testing.assert_close(runs["fx"], runs["eager"], rtol=1e-12, atol=1e-14)
     assert torch.isfinite(runs["fx"]).all()
+    assert engine.program.level(f"p{levels - 1}") == levels - 1
+    top = engine.program.problems[f"p{levels - 1}"].module.weight.detach()
+    assert not torch.equal(before[-top.numel() - top.shape[0] :], runs["fx"][-top.numel() - top.shape[0] :])
 
 
 def test_golden_ir_bilevel(golden):
