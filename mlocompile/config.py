@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from mlocompile.errors import ProgramError
 
@@ -113,8 +113,3 @@ class EngineConfig:
             raise ProgramError(
                 f"EngineConfig.strategy={self.strategy!r}; use 'default' or 'distributed' (data parallel)"
             )
-
-
-def config_fields(cls: type) -> list[str]:
-    """Return the field names of a config dataclass, in declaration order."""
-    return [f.name for f in fields(cls)]

@@ -83,7 +83,6 @@ class Engine:
         self.rank, self.world_size = 0, 1
         self._dist_ready = False
         self.global_step = 0
-        self._stopped = False
         self._checked = False
         self.fp = FunctionalProgram(self.program.problems)
         self.optimizers = {n: self._lower(p) for n, p in self.program.problems.items()}
