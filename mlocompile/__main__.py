@@ -100,8 +100,6 @@ def _launch(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    import mlocompile as mlo
-
     if args.nproc > 1 and "RANK" not in os.environ:
         _launch(args)
         return
@@ -111,8 +109,17 @@ def _cmd_run(args: argparse.Namespace) -> None:
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.example.split(":")[0]))[0])
     engine.config.output_dir = out
     engine.run()
-    if engine.rank != 0:
-        return
+    if engine.rank == 0:
+        _report(engine, out)
+    if engine.world_size > 1:
+        from mlocompile import distributed
+
+        distributed.shutdown()  # the other ranks wait until rank 0 has written its files
+
+
+def _report(engine: Any, out: str) -> None:
+    import mlocompile as mlo
+
     for path in write_artifacts(mlo.compile(engine), out):
         print(f"wrote {path}")
     last = {}

@@ -11,6 +11,7 @@ one process would, and the average of those is what every rank applies.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,25 @@ def init_process_group(backend: str | None, timeout_s: float) -> tuple[int, int]
             )
         chosen = backend if backend in ("gloo", "nccl") else ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_destroy_at_exit)
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group (call once, at the end of a run).
+
+    A rank that exits while another still holds the group open (e.g. rank 0 writing
+    files) can abort in the C++ teardown; leaving together avoids that.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    # Tear the group down before interpreter shutdown destroys its threads mid-flight.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def average_gradients(grads: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
