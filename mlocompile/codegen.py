@@ -45,7 +45,13 @@ class StepExecutor:
         key = (variant, tuple(sorted(self.init_sources.items())))
         if key not in self._fns:
             self._fns[key] = build_step(
-                self.fp, self.program, self.optimizers, dict(self.init_sources), variant, self.world_size
+                self.fp,
+                self.program,
+                self.optimizers,
+                dict(self.init_sources),
+                variant,
+                self.world_size,
+                memory_budget=self.memory_budget,
             )
         return self._fns[key]
 

@@ -41,6 +41,7 @@ class Config:
     cg_iterations: int = 1
     cg_alpha: float = 1.0
     amp_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd")
+    itd_segments: int = 0
 
     def validate(self, problem: str) -> None:
         """Raise ProgramError naming ``problem`` for any out-of-range field."""
@@ -52,7 +53,7 @@ class Config:
         for name in ("unroll_steps", "gradient_accumulation"):
             if int(getattr(self, name)) < 1:
                 raise ProgramError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("neumann_iterations", "cg_iterations", "warmup_steps"):
+        for name in ("neumann_iterations", "cg_iterations", "warmup_steps", "itd_segments"):
             if int(getattr(self, name)) < 0:
                 raise ProgramError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         if self.darts_alpha <= 0 or self.cg_alpha <= 0 or self.neumann_alpha <= 0:

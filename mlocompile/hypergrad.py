@@ -8,6 +8,7 @@ are and make_fx traces them into the step graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,22 @@ class StepEnv:
     optimizers: dict[str, FunctionalOptimizer]
     windows: dict[str, Window] = field(default_factory=dict)
     init_sources: dict[str, str] = field(default_factory=dict)
+    memory_budget: float | None = None  # EngineConfig.memory_budget
+
+    def itd_segments(self, curr: str) -> int:
+        """How many segments ``curr``'s itd replay is cut into (1: not checkpointed).
+
+        ``Config.itd_segments`` when set; otherwise, under a memory budget, ⌈1/b⌉ for a
+        fraction b (each segment's intermediates are about 1/S of the unsegmented step's)
+        or ⌈√K⌉ for a budget in bytes (the classic choice); without a budget, 1.
+        """
+        cfg = self.fp.problems[curr].config
+        if cfg.itd_segments > 0:
+            return cfg.itd_segments
+        budget = self.memory_budget
+        if budget is None:
+            return 1
+        return max(2, math.ceil(1 / budget)) if budget <= 1 else math.ceil(math.sqrt(cfg.unroll_steps))
 
     def loss_of(self, curr: str, prev: str) -> Callable[[Params, Params], Tensor]:
         """Return ``(w_curr, w_prev) -> C_curr`` on curr's last batch, all else fixed."""
@@ -139,22 +156,29 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     reproduces the actual trajectory exactly; ``prev``'s recorded values enter as
     ``recorded + (λ − stop_grad(λ))``, which keeps the values and lets the
     derivative with respect to the current ``λ`` flow through every step.
+
+    With ``S = itd_segments(...) > 1`` the K steps are cut into S segments
+    (checkpointing): a forward sweep keeps only each segment's starting parameters
+    and optimizer state, and the reverse sweep replays one segment at a time, so
+    one segment's intermediates are alive instead of all K steps' (one extra forward
+    of the first S−1 segments).
     """
     window = env.windows[curr]
     opt = env.optimizers[curr]
     problem = env.fp.problems[curr]
     init_from = env.init_sources.get(curr)
     buffers = with_params(env.buffers, curr, window.buffers)
+    steps = list(zip(window.hypers, window.batches, window.others))
 
-    def unroll(lam: Params) -> Params:
-        delta = {k: t - t.detach() for k, t in lam.items()}
-        w = window.params
-        if init_from == prev:
+    def replay(w: Params, state: StateDict, lam: Params | None, first: int, last: int) -> tuple[Params, StateDict]:
+        # lam None: values only (the forward sweep), recorded parameters used as they are
+        delta = None if lam is None else {k: t - t.detach() for k, t in lam.items()}
+        if first == 0 and init_from == prev and delta is not None:
             w = {k: t + delta[k] for k, t in w.items()}
-        state = window.opt_state
-        for hyper, batch, recorded in zip(window.hypers, window.batches, window.others):
-            shifted = {k: t + delta[k] for k, t in recorded[prev].items()}
-            params = with_params(recorded, prev, shifted)
+        for hyper, batch, recorded in steps[first:last]:
+            params = recorded
+            if delta is not None:
+                params = with_params(recorded, prev, {k: t + delta[k] for k, t in recorded[prev].items()})
 
             def loss(w_: Params, batch: Any = batch, params: ProgramParams = params) -> Tensor:
                 return env.fp.loss(curr, with_params(params, curr, w_), buffers, batch)[0]
@@ -165,10 +189,41 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
             w, state = opt.update(w, grads, state, hyper)
             if problem.is_implemented("param_callback"):
                 w = problem.param_callback(w) or w  # type: ignore[attr-defined]
-        return w
+        return w, state
 
-    vjp_fn = torch.func.vjp(unroll, env.params[prev])[1]
-    return vjp_fn(v)[0]  # type: ignore[no-any-return]
+    lam0 = env.params[prev]
+    bounds = segment_bounds(len(steps), env.itd_segments(curr))
+    if len(bounds) == 2:
+        vjp_fn = torch.func.vjp(lambda lam: replay(window.params, window.opt_state, lam, 0, len(steps))[0], lam0)[1]
+        return vjp_fn(v)[0]  # type: ignore[no-any-return]
+    # forward sweep: only the segment starts stay alive (values need no derivative here)
+    starts = [(window.params, window.opt_state)]
+    for first, last in zip(bounds[:-2], bounds[1:-1]):
+        with annotate(segment=f"sweep {first}-{last}"):
+            starts.append(replay(*starts[-1], None, first, last))
+    # reverse sweep, one segment at a time, carrying cotangents of (w, optimizer state)
+    ct_w: Params = v
+    ct_state: StateDict | None = None
+    ct_lam: Params | None = None
+    for (w, state), first, last in reversed(list(zip(starts, bounds[:-1], bounds[1:]))):
+        with annotate(segment=f"replay {first}-{last}"):
+            res = torch.func.vjp(lambda w_, st_, lam_, a=first, b=last: replay(w_, st_, lam_, a, b), w, state, lam0)
+            state_out, vjp_fn = res[0][1], res[1]
+            if ct_state is None:  # the final optimizer state does not reach the upper loss
+                ct_state = torch.utils._pytree.tree_map(torch.zeros_like, state_out)
+            ct_w, ct_state, part = vjp_fn((ct_w, ct_state))
+        ct_lam = part if ct_lam is None else {k: ct_lam[k] + part[k] for k in part}
+    assert ct_lam is not None
+    return ct_lam
+
+
+def segment_bounds(steps: int, segments: int) -> list[int]:
+    """Split ``steps`` replayed steps into ``segments`` near-equal runs; return the boundaries.
+
+    ``segment_bounds(20, 5) == [0, 4, 8, 12, 16, 20]``; ``segments <= 1`` gives ``[0, steps]``.
+    """
+    segments = max(1, min(segments, steps))
+    return [round(i * steps / segments) for i in range(segments + 1)]
 
 
 def run_plan(env: StepEnv, upper: str, plan: list, ends: list[int], first: dict[str, Params]) -> Params:

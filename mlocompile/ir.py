@@ -20,6 +20,7 @@ META_KEYS: dict[str, str] = {
     "mlo.path": "trace writes the VJP op id (e.g. 'outer.v0') a hypergradient node belongs to; printer reads",
     "mlo.input": "trace writes the input's path in the step's input tree (params.inner.0.weight); printer reads",
     "mlo.remat": "insert_checkpoints writes, on a recomputed node, the name of the node it copies; printer reads",
+    "mlo.segment": "itd writes 'sweep a-b' / 'replay a-b' on the steps of a checkpointed (segmented) unroll; printer reads",
     "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
 }
 ROLES = ("io", "forward", "grad", "direct", "hypergrad", "comm", "update", "callback")
@@ -41,6 +42,25 @@ def adopt_annotations(gm: GraphModule) -> None:
                 node.meta[key] = value
         if node.op in ("placeholder", "output"):
             node.meta["mlo.role"] = "io"
+
+
+def slim_meta(gm: GraphModule) -> None:
+    """Keep only the meta the IR, passes and cost model read: ``mlo.*`` and ``val``.
+
+    make_fx stores every value as a FakeTensor, each with its own fake mode and a
+    captured Python stack (~20 KB per node in all); a ``meta``-device tensor of the
+    same shape, strides and dtype carries what is needed for a few hundred bytes.
+    """
+    for node in gm.graph.nodes:
+        kept = {k: v for k, v in node.meta.items() if k.startswith("mlo.")}
+        if "val" in node.meta:
+            kept["val"] = torch.utils._pytree.tree_map_only(torch.Tensor, _meta_tensor, node.meta["val"])
+        node.meta.clear()
+        node.meta.update(kept)
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
 
 
 def _fmt_arg(a: Any) -> str:
@@ -71,7 +91,7 @@ def format_graph(gm: GraphModule, title: str) -> str:
     for node in gm.graph.nodes:
         tags = " ".join(
             f"{k[4:]}={node.meta[k]}"
-            for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path", "mlo.remat")
+            for k in ("mlo.problem", "mlo.role", "mlo.method", "mlo.edge", "mlo.path", "mlo.remat", "mlo.segment")
             if k in node.meta
         )
         val = _fmt_val(node.meta["val"]) if "val" in node.meta else "-"

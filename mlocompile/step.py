@@ -60,13 +60,15 @@ def build_step(
     init_sources: dict[str, str],
     variant: StepVariant,
     world_size: int = 1,
+    memory_budget: float | None = None,
 ) -> StepFn:
     """Return the pure step function of ``variant.problem``.
 
     Inputs (a dict): ``params``/``buffers`` of every problem, ``batch`` (this step's),
     ``last`` (last batches of the problems on this problem's paths), ``opt`` and
     ``hyper`` (optimizer state and hyperparameters), ``acc`` (accumulated gradient,
-    possibly empty) and ``windows`` (itd replays). Outputs: ``params``, ``opt``,
+    possibly empty) and ``windows`` (itd replays); ``memory_budget`` (EngineConfig's)
+    cuts itd replays into segments. Outputs: ``params``, ``opt``,
     ``acc``, ``loss``, ``grad_norm`` and ``logs``.
     """
     name = variant.problem
@@ -102,7 +104,7 @@ def build_step(
         total = dict(grads[name])
         if plan:
             windows = {k: Window(**w) for k, w in inputs["windows"].items()}
-            env = StepEnv(fp, params, buffers, inputs["last"], optimizers, windows, init_sources)
+            env = StepEnv(fp, params, buffers, inputs["last"], optimizers, windows, init_sources, memory_budget)
             hyper = run_plan(env, name, plan, ends, {c: grads[c] for c in firsts})
             with annotate(problem=name, role="hypergrad"):
                 total = {k: g + hyper[k] for k, g in total.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from mlocompile.errors import MLOError, TraceError
-from mlocompile.ir import adopt_annotations
+from mlocompile.ir import adopt_annotations, slim_meta
 from mlocompile.step import StepFn
 
 
@@ -110,6 +111,8 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
     finally:
         torch.set_rng_state(rng)
     adopt_annotations(gm)
+    slim_meta(gm)
+    linecache.clearcache()  # filled by the fake tensors' captured stacks; nothing reads it later
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, input_names(unflatten_inputs(flat, flat.tensors))):
         node.meta["mlo.input"] = name

@@ -29,7 +29,8 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
     catches what the plan cannot see (e.g. the same forward evaluated by two rules).
 
     Requires: a verified step graph.
-    Ensures: no two pure call_function nodes have equal (target, args, kwargs).
+    Ensures: no two pure call_function nodes have equal (target, args, kwargs), except
+    across ``mlo.segment`` tags (deliberate recomputation, see ``hypergrad.itd_vjp``).
 
     Before/after::
 
@@ -42,7 +43,9 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
         if node.op != "call_function" or node.is_impure():
             continue
         try:
-            key = (str(node.target), _key(node.args), _key(node.kwargs))
+            # NOTE: a checkpointed itd replay recomputes its forward on purpose; merging it
+            # with the forward sweep would keep every step's values alive again
+            key = (str(node.target), _key(node.args), _key(node.kwargs), node.meta.get("mlo.segment"))
             hash(key)
         except TypeError:
             continue

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import mlocompile as mlo
+from mlocompile.hypergrad import segment_bounds
 
 BACKENDS = ["eager", "fx"]
 
@@ -223,6 +224,49 @@ def test_itd_differentiates_through_initialisation(backend):
     expected = hand_unrolled_hypergradient(None, lam_before, itd_batches(), Xv, yv, init_from_lam=True)
     torch.testing.assert_close(lam_before - hmod.p.detach(), expected, rtol=1e-10, atol=1e-13)
     assert "edge u2l outer -> inner via=loss+init" in engine.compile().ir
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segments", [2, 3, 6])
+@pytest.mark.parametrize("init_from_lam", [False, True], ids=["plain", "maml_init"])
+def test_itd_segments_match_hand_unrolled_loop(backend, segments, init_from_lam):
+    """Checkpointed itd (the unroll replayed segment by segment) equals the hand-unrolled gradient."""
+    k = 6
+    X, y, Xv, yv, lam = ridge_data()
+    batches = [(X[i::k], y[i::k]) for i in range(k)]
+    w0 = torch.zeros(D) if init_from_lam else torch.linspace(-1, 1, D)
+    wmod, hmod = Vec(w0), Vec(lam)
+    cls = MamlInner if init_from_lam else RidgeInner
+    inner = cls(
+        "inner",
+        mlo.Config(type="itd", unroll_steps=k, itd_segments=segments),
+        wmod,
+        torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9),
+        train_data_loader=batches,
+    )
+    outer = RidgeOuter(
+        "outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=1.0), train_data_loader=[(Xv, yv)]
+    )
+    engine = mlo.Engine(
+        [outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
+    )
+    lam_before = hmod.p.detach().clone()
+    for _ in range(k):
+        engine.train_step()
+    expected = hand_unrolled_hypergradient(w0, lam_before, batches, Xv, yv, init_from_lam=init_from_lam)
+    torch.testing.assert_close(lam_before - hmod.p.detach(), expected, rtol=1e-10, atol=1e-13)
+    assert expected.abs().min() > 1e-6
+    if backend == "fx":
+        ir = engine.compile().ir
+        assert f"segment=replay {segment_bounds(k, segments)[-2]}-{k}" in ir
+        assert ("segment=sweep 0-" in ir) == (segments > 1)
+
+
+def test_segment_bounds():
+    assert segment_bounds(20, 5) == [0, 4, 8, 12, 16, 20]
+    assert segment_bounds(7, 3) == [0, 2, 5, 7]
+    assert segment_bounds(4, 1) == [0, 4]
+    assert segment_bounds(3, 10) == [0, 1, 2, 3]
 
 
 # --- three levels: every method against explicit matrices / hand-unrolled updates -----------------
