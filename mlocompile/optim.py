@@ -40,6 +40,7 @@ class _GroupFlags:
     maximize: bool
     weight_decay: bool  # weight_decay != 0
     momentum: bool = False  # SGD: momentum != 0
+    dampening: bool = False  # SGD: dampening != 0
     nesterov: bool = False
     amsgrad: bool = False
     decoupled: bool = False  # Adam(W): decoupled weight decay
@@ -87,6 +88,7 @@ class FunctionalOptimizer:
                 maximize=bool(g["maximize"]),
                 weight_decay=float(g["weight_decay"]) != 0,
                 momentum=float(g["momentum"]) != 0,
+                dampening=float(g["dampening"]) != 0,
                 nesterov=bool(g["nesterov"]),
             )
         return _GroupFlags(
@@ -133,7 +135,8 @@ class FunctionalOptimizer:
         """Return each parameter's state, zero-initialised where torch has none yet.
 
         The returned tensors may alias ``optimizer.state``; treat them as read-only.
-        Every entry has ``"step"``, a 0-dim float64 tensor (0 = never stepped).
+        Every entry has ``"step"``, a 0-dim float64 tensor (0 = never stepped), shared
+        by all parameters with the same count.
         """
         out: StateDict = {}
         for name, p in self.named_params.items():
@@ -152,9 +155,22 @@ class FunctionalOptimizer:
                 if self._flags(self._group_of[name]).amsgrad:
                     keys.append("max_exp_avg_sq")
                 s = {k: st[k] if k in st else torch.zeros_like(p) for k in keys}
-            s["step"] = torch.tensor(step, dtype=torch.float64)
+            s["step"] = self._shared_step(step)
             out[name] = s
         return out
+
+    def _shared_step(self, value: float) -> Tensor:
+        # NOTE: parameters stepped together hold equal counters; handing out one tensor
+        # per value makes them one graph input (flatten_inputs dedups tensors marked
+        # _mlo_shared), so CSE computes e.g. Adam's bias corrections once, not per param.
+        cache = self.__dict__.setdefault("_steps", {})
+        if value not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            t = torch.tensor(value, dtype=torch.float64)
+            t._mlo_shared = True  # type: ignore[attr-defined]
+            cache[value] = t
+        return cache[value]  # type: ignore[no-any-return]
 
     def write_state(self, state: StateDict) -> None:
         """Store ``state`` into ``optimizer.state`` exactly as torch.optim would hold it.
@@ -254,9 +270,14 @@ def _sgd_update(
         grad = torch.addcmul(grad, param, h["weight_decay"].to(dt))
     if f.momentum:
         m = h["momentum"].to(dt)
-        running = torch.addcmul(st["momentum_buffer"] * m, grad, (1 - h["dampening"]).to(dt))
-        first = (st["step"] == 0).to(param.device)
-        buf = torch.where(first, grad, running)  # torch: buf = grad on the first step
+        if f.dampening:
+            running = torch.addcmul(st["momentum_buffer"] * m, grad, (1 - h["dampening"]).to(dt))
+            first = (st["step"] == 0).to(param.device)
+            buf = torch.where(first, grad, running)  # torch: buf = grad on the first step
+        else:
+            # torch's first step sets buf = grad; read_state starts buf at zeros, and
+            # 0·m + grad == grad exactly, so no branch is needed without dampening
+            buf = st["momentum_buffer"] * m + grad
         out["momentum_buffer"] = buf
         grad = torch.addcmul(grad, buf, m) if f.nesterov else buf
     return torch.addcmul(param, grad, (-h["lr"]).to(dt)), out

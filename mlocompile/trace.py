@@ -19,32 +19,54 @@ from mlocompile.step import StepFn
 
 @dataclass(frozen=True)
 class FlatInputs:
-    """A step's inputs split into tensor leaves and a hashable static remainder."""
+    """A step's inputs split into distinct tensors (graph inputs) and a hashable static remainder.
+
+    ``slots`` has one entry per leaf of the input tree: the index of its tensor in
+    ``tensors``, or -1 for a static leaf. A tensor marked ``_mlo_shared`` (the
+    optimizers' step counters) that appears at several leaves is one graph input.
+    """
 
     tensors: list[torch.Tensor]
     spec: pytree.TreeSpec
     statics: tuple[Any, ...]
-    slots: tuple[bool, ...]
+    slots: tuple[int, ...]
 
     def key(self) -> tuple[Any, ...]:
-        """Return what decides whether a traced graph can be reused for these inputs."""
+        """Return what decides whether a traced graph can be reused for these inputs.
+
+        The slots are part of it: a graph traced with two leaves sharing one input must
+        not run on inputs where they differ.
+        """
         meta = tuple((t.shape, t.dtype, t.device.type) for t in self.tensors)
-        return (self.spec, self.statics, meta)
+        return (self.spec, self.statics, self.slots, meta)
 
 
 def flatten_inputs(inputs: dict[str, Any]) -> FlatInputs:
-    """Split a step's input pytree into tensors (graph inputs) and static leaves."""
+    """Split a step's input pytree into distinct tensors (graph inputs) and static leaves."""
     leaves, spec = pytree.tree_flatten(inputs)
-    slots = tuple(isinstance(x, torch.Tensor) for x in leaves)
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-    statics = tuple(x for x in leaves if not isinstance(x, torch.Tensor))
+    index: dict[int, int] = {}
+    tensors: list[torch.Tensor] = []
+    statics: list[Any] = []
+    slots: list[int] = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            if getattr(x, "_mlo_shared", False):  # e.g. optimizer step counters (optim._shared_step)
+                i = index.setdefault(id(x), len(tensors))
+            else:
+                i = len(tensors)
+            if i == len(tensors):
+                tensors.append(x)
+            slots.append(i)
+        else:
+            statics.append(x)
+            slots.append(-1)
     try:
-        hash(statics)
+        hash(tuple(statics))
     except TypeError as exc:
         raise TraceError(
             f"a batch holds an unhashable non-tensor value ({exc}); batches may hold tensors, numbers and strings"
         ) from None
-    return FlatInputs(tensors, spec, statics, slots)
+    return FlatInputs(tensors, spec, tuple(statics), tuple(slots))
 
 
 def input_names(inputs: dict[str, Any]) -> tuple[str, ...]:
@@ -63,8 +85,8 @@ def _path_name(path: tuple[Any, ...]) -> str:
 
 def unflatten_inputs(flat: FlatInputs, tensors: list[torch.Tensor]) -> dict[str, Any]:
     """Rebuild the input pytree from graph-input tensors and the static leaves."""
-    it_t, it_s = iter(tensors), iter(flat.statics)
-    leaves = [next(it_t) if is_t else next(it_s) for is_t in flat.slots]
+    it_s = iter(flat.statics)
+    leaves = [tensors[i] if i >= 0 else next(it_s) for i in flat.slots]
     return pytree.tree_unflatten(leaves, flat.spec)  # type: ignore[no-any-return]
 
 
@@ -94,8 +116,8 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
     rng = torch.get_rng_state()  # tracing runs the step for real: it must not consume randomness
     try:
         with fx_traceback.preserve_node_meta():
-            # NOTE: make_fx maps tensors to placeholders by identity; the same tensor object
-            # passed twice (e.g. one batch shared by two loaders) would fuse two inputs.
+            # NOTE: make_fx maps tensors to placeholders by identity; flatten_inputs has
+            # already made every graph input a distinct tensor, and detach() keeps them apart.
             gm = make_fx(flat_fn, tracing_mode="real")(*[t.detach() for t in flat.tensors])
     except MLOError:
         raise
@@ -114,8 +136,11 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
     slim_meta(gm)
     linecache.clearcache()  # filled by the fake tensors' captured stacks; nothing reads it later
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, name in zip(placeholders, input_names(unflatten_inputs(flat, flat.tensors))):
-        node.meta["mlo.input"] = name
+    names: dict[int, str] = {}  # a shared tensor is named after its first leaf
+    for i, name in zip([i for i in flat.slots if i >= 0], input_names(unflatten_inputs(flat, flat.tensors))):
+        names.setdefault(i, name)
+    for i, node in enumerate(placeholders):
+        node.meta["mlo.input"] = names[i]
     return TracedStep(gm=gm, out_spec=holder["spec"], title=title)
 
 

@@ -135,3 +135,42 @@ def test_graph_is_reused_and_retraced_on_new_shapes():
     engine.program.problems["inner"]._iterators = None
     engine.train_step()
     assert len(engine.executor._traced) > n_traced
+
+
+def test_shared_step_counters_are_one_input_and_retrace_when_they_differ():
+    """Parameters stepped together share one step-counter input; a graph traced that way
+    must not run once their counters differ (a retrace keeps fx equal to eager)."""
+    runs, traced = {}, {}
+    for backend in ("eager", "fx"):
+        engine = mwn_engine("darts", backend)
+        for _ in range(3):
+            engine.train_step()
+        outer = engine.program.problems["outer"]
+        state = engine.optimizers["outer"].read_state()
+        steps = {id(s["step"]) for s in state.values()}
+        assert len(steps) == 1  # one tensor for all of the outer's Adam counters
+        first = next(iter(outer.module.parameters()))
+        outer.optimizer.state[first]["step"] = torch.tensor(7.0)  # this one's bias correction now differs
+        for _ in range(3):
+            engine.train_step()
+        runs[backend] = _params(engine)
+        traced[backend] = len(engine.executor._traced)
+    torch.testing.assert_close(runs["fx"], runs["eager"], rtol=1e-12, atol=1e-14)
+    assert traced["fx"] == 3  # inner, outer with shared counters, outer with one counter apart
+
+
+def test_flat_inputs_key_tells_shared_from_distinct_inputs():
+    shared = torch.zeros((), dtype=torch.float64)
+    shared._mlo_shared = True
+    twice = flatten_inputs({"a": shared, "b": shared})
+    apart = flatten_inputs({"a": shared, "b": torch.zeros((), dtype=torch.float64)})
+    assert len(twice.tensors) == 1 and len(apart.tensors) == 2
+    assert twice.key() != apart.key()
+    other = torch.ones((), dtype=torch.float64)
+    other._mlo_shared = True
+    left = flatten_inputs({"a": shared, "b": shared, "c": other})
+    right = flatten_inputs({"a": shared, "b": other, "c": other})
+    assert len(left.tensors) == len(right.tensors) == 2
+    assert left.key() != right.key()  # same inputs, different sharing: not the same graph
+    plain = torch.ones(2)
+    assert len(flatten_inputs({"a": plain, "b": plain}).tensors) == 2  # unmarked tensors are never merged
