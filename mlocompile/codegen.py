@@ -79,6 +79,7 @@ class StepExecutor:
                 precision=cfg.precision,
                 keep_fp32_methods=cfg.amp_fp32_methods,
                 memory_budget=self.memory_budget,
+                inplace=self.backend == "fx",
             )
             if self.backend == "inductor":
                 traced.runner = _compile_with_inductor(traced, flat)

@@ -23,6 +23,7 @@ from passes.cse import eliminate_common_subexpressions
 from passes.dce import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
 from passes.order_vjps import check_no_jacobians, order_vjps
+from passes.reinplace import reinplace_pointwise
 
 GraphPass = Callable[..., GraphModule]
 PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
@@ -34,6 +35,7 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "eliminate_common_subexpressions": eliminate_common_subexpressions,
     "cast_for_amp": cast_for_amp,
     "insert_checkpoints": insert_checkpoints,
+    "reinplace_pointwise": reinplace_pointwise,
 }
 
 
@@ -96,8 +98,9 @@ def run_graph_pipeline(
     precision: str = "fp32",
     keep_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd"),
     memory_budget: float | None = None,
+    inplace: bool = False,
 ) -> GraphModule:
-    """Run the default graph pipeline on one traced step."""
+    """Run the default graph pipeline on one traced step (``inplace``: the fx backend's reinplacing)."""
     done: list[str] = []
     verify(gm)
     check_no_jacobians(gm, sizes)  # the VJP ordering must never materialize a d_i x d_j tensor
@@ -108,6 +111,8 @@ def run_graph_pipeline(
     gm = run_pass(gm, "eliminate_dead_code", title, done, report)  # after CSE: drops what merging orphaned
     if memory_budget is not None:  # last: CSE after it would merge the recomputations back
         gm = run_pass(gm, "insert_checkpoints", title, done, report, memory_budget=memory_budget)
+    if inplace:  # very last: other passes treat mutating nodes as impure
+        gm = run_pass(gm, "reinplace_pointwise", title, done, report)
     return gm
 
 
@@ -122,6 +127,7 @@ __all__ = [
     "enumerate_paths",
     "insert_checkpoints",
     "order_vjps",
+    "reinplace_pointwise",
     "run_graph_pipeline",
     "run_pass",
     "run_program_passes",

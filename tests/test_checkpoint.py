@@ -12,7 +12,8 @@ import mlocompile as mlo
 from mlocompile.cost import estimate_peak_memory
 from mlocompile.ir import format_graph
 from mlocompile.step import StepVariant
-from mlocompile.trace import flatten_inputs
+from mlocompile.trace import flatten_inputs, trace_step
+from passes import run_graph_pipeline
 from passes.checkpoint import insert_checkpoints, measure_peak_memory
 from programs import load_example, mwn_engine
 
@@ -26,8 +27,10 @@ def _itd_outer_step(k: int, **engine_kw):
 
 
 def test_itd_k20_peak_cut_by_40_percent_with_identical_results():
-    _, traced, flat = _itd_outer_step(20)
-    gm = traced.gm
+    engine, _, flat = _itd_outer_step(20)
+    variant = StepVariant("outer")
+    traced = trace_step(engine.executor.step_fn(variant), flat, variant.title)
+    gm = run_graph_pipeline(traced.gm, variant.title, engine.executor.param_sizes())  # functional: no reinplacing
     remat = insert_checkpoints(copy.deepcopy(gm), memory_budget=0.5)
     before, after = estimate_peak_memory(gm)[0], estimate_peak_memory(remat)[0]
     assert after < before
@@ -48,7 +51,7 @@ def test_engine_option_runs_the_pass_and_trains_identically():
         # the segmented replay sums the λ-cotangent in another order: equal up to round-off
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     names = [r.name for r in budgeted.executor.report.records if r.graph == "step_outer"]
-    assert names[-1] == "insert_checkpoints"
+    assert names[-2:] == ["insert_checkpoints", "reinplace_pointwise"]
     ir = mlo.compile(budgeted).ir
     assert "remat=" in ir
     assert "segment=sweep 0-3" in ir and "segment=replay 3-6" in ir  # ⌈1/0.5⌉ = 2 segments

@@ -1,0 +1,90 @@
+"""Pass: run pointwise ops in place on temporaries nothing reads afterwards (fx backend).
+
+Step graphs are functional: every op allocates its result. On CPU a fresh large
+tensor costs more than its arithmetic (glibc maps it and the kernel zero-fills
+every page on first touch), so the fx backend rewrites ``c = add(a, b)`` into
+``c = add_(a, b)`` whenever ``a``'s buffer is provably dead after the op. The
+values computed are unchanged bit for bit (the same kernels run); only where they
+are written changes. Inductor plans its own buffers, so this runs for fx only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from mlocompile.cost import UNANNOTATED_VIEWS
+
+aten = torch.ops.aten
+
+
+def _inplace_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.add.Tensor`` -> ``aten.add_.Tensor`` (same overload), or None."""
+    packet = getattr(aten, f"{op._schema.name.split('::')[-1]}_", None)
+    if packet is None or op._overloadname not in packet.overloads():
+        return None
+    inplace = getattr(packet, op._overloadname)
+    args, iargs = op._schema.arguments, inplace._schema.arguments
+    if len(args) != len(iargs) or any(a.name != b.name for a, b in zip(args, iargs)):
+        return None
+    return inplace  # type: ignore[no-any-return]
+
+
+def _aliases(node: Node) -> bool:
+    """Whether ``node``'s result may share storage with one of its inputs (views, in-place ops)."""
+    if node.op != "call_function":
+        return node.op != "output"
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return True  # getitem of a multi-output op, Python builtins: be conservative
+    return target in UNANNOTATED_VIEWS or any(r.alias_info is not None for r in target._schema.returns)
+
+
+def reinplace_pointwise(gm: GraphModule) -> GraphModule:
+    """Turn pointwise ops whose first input is a dead temporary into their in-place variants.
+
+    ``n = op(a, ...)`` becomes ``op_(a, ...)`` when: ``op`` is pointwise and has an
+    in-place variant with the same arguments; ``a`` is a buffer the graph owns (the
+    fresh result of a non-aliasing op, or of an op this pass already made in place);
+    every other user of ``a`` comes before ``n`` and none of them is a view; ``a`` is
+    not a graph output; and ``a`` and ``n`` have the same shape, dtype and strides
+    (no broadcasting into ``a``, no type promotion).
+
+    Requires: a verified step graph with ``val`` meta (run last: later passes such as
+    CSE and DCE treat mutating nodes as impure).
+    Ensures: the graph computes the same values (bitwise) with fewer allocations.
+
+    Before/after::
+
+        %m = aten.mul(%buf, %mom)          %m = aten.mul(%buf, %mom)
+        %b = aten.add(%m, %g)        =>    %b = aten.add_(%m, %g)
+        return [%b]                        return [%b]
+    """
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    output = nodes[-1]
+    returned = set(output.all_input_nodes)
+    owned: set[Node] = set()
+    for n in nodes:
+        target = n.target
+        if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if torch.Tag.pointwise not in target.tags or not n.args or not isinstance(n.args[0], Node):
+            continue
+        a = n.args[0]
+        if a.op != "call_function" or a in returned or (_aliases(a) and a not in owned):
+            continue
+        if any(u is not n and (pos[u] > pos[n] or _aliases(u)) for u in a.users):
+            continue
+        va, vn = a.meta.get("val"), n.meta.get("val")
+        if not isinstance(va, torch.Tensor) or not isinstance(vn, torch.Tensor):
+            continue
+        if va.shape != vn.shape or va.dtype != vn.dtype or va.stride() != vn.stride():
+            continue
+        inplace = _inplace_variant(target)
+        if inplace is None:
+            continue
+        n.target = inplace
+        owned.add(n)
+    gm.recompile()
+    return gm
