@@ -163,6 +163,33 @@ def count_flops(runner: Any) -> int:
     return int(counter.get_total_flops())
 
 
+def live_tensor_peak(runner: Any) -> int:
+    """Peak bytes of tensor storages one cycle allocates and holds at once (runs the cycle).
+
+    Counted at the dispatcher (``passes.checkpoint.measure_peak_memory``): every tensor
+    an op returns, storages once, released when collected; tensors that existed before
+    the cycle (parameters, optimizer state, data) are kept alive and not counted, so an
+    in-place update costs nothing and a functional one costs its new tensors. Unlike RSS,
+    this does not depend on how the allocator reuses or returns memory.
+    """
+    import torch
+
+    from passes.checkpoint import measure_peak_memory
+
+    gc.collect()
+    before = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
+    keep = []
+    for t in before:
+        try:
+            keep.append(t.untyped_storage())
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            continue
+    exclude = frozenset(s.data_ptr() for s in keep)
+    peak = measure_peak_memory(runner.cycle, exclude=exclude)
+    del keep, before
+    return peak
+
+
 def _failure(exc: BaseException, stage: str) -> dict[str, Any]:
     """Describe a crash: message, the frame that raised it, and the full traceback."""
     frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -183,6 +210,8 @@ def measure(workload: Any, impl: str, threads: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"workload": workload.name, "impl": impl, "threads": torch.get_num_threads()}
     out["loadavg_start"] = os.getloadavg()
     _import_for(impl)
+    import passes.checkpoint  # noqa: F401 - live_tensor_peak's tracker: loaded before the baselines, for every impl
+
     settle()
     rss_imports = rss_bytes()
     t = time.perf_counter()
@@ -203,6 +232,8 @@ def measure(workload: Any, impl: str, threads: int | None) -> dict[str, Any]:
         if impl != "inductor":  # compiled code runs no aten ops to count
             stage = "flop count"
             out["flops_per_cycle"] = count_flops(runner)
+            stage = "live tensor peak"
+            out["live_peak_mb"] = live_tensor_peak(runner) / MB
             runner.cycle()
         settle()
         rss_warm = rss_bytes()

@@ -70,6 +70,8 @@ def summarize(recs: list[dict[str, Any]], max_foreign: float = 1.0) -> dict[str,
     out["disturbed"] = out["foreign_cpu"] > max_foreign
     if all("flops_per_cycle" in r for r in ok):
         out["flops_per_cycle"] = ok[0]["flops_per_cycle"]
+    if all("live_peak_mb" in r for r in ok):
+        out["live_peak_mb"] = med("live_peak_mb")
     if len(ok) < len(recs):
         out["failed_rounds"] = [r["error"] for r in recs if "error" in r]
     return out
@@ -178,7 +180,8 @@ def targets(table: dict[str, dict[str, Any]], peak: float) -> list[dict[str, Any
             out.append({"target": "peak memory <= Betty's", "workload": w, "impl": impl,
                         "measured": r["peak_mb"], "limit": betty["peak_mb"], "met": diff <= 0,
                         "within_noise": abs(diff) < MEMORY_NOISE_MB,
-                        "transient_mb": r["transient_mb"], "betty_transient_mb": betty["transient_mb"]})  # fmt: skip
+                        "transient_mb": r["transient_mb"], "betty_transient_mb": betty["transient_mb"],
+                        "live_peak_mb": r.get("live_peak_mb"), "betty_live_peak_mb": betty.get("live_peak_mb")})  # fmt: skip
     return out
 
 
@@ -199,20 +202,21 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{m.get('max_foreign', 1.0):.0%} of the CPUs while they were timed; † = the best attempt was still disturbed.",
         "",
         "| workload | impl | ms/cycle (median) | IQR ms | min–max ms | ×Betty ms | peak MB | ×Betty mem "
-        "| transient MB | MFLOP/cycle | % matmul peak | cycles |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| transient MB | live tensors MB | MFLOP/cycle | % matmul peak | cycles |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w, entry in doc["results"].items():
         for impl, r in entry["impls"].items():
             if r["status"] != "ok":
-                lines.append(f"| {w} | {impl} | n/a (crashes) | | | | | | | | | `{r['error'][:150]}` |")
+                lines.append(f"| {w} | {impl} | n/a (crashes) | | | | | | | | | | `{r['error'][:150]}` |")
                 continue
             gf = r.get("ref_flops_per_cycle")
             lines.append(
                 f"| {w} | {impl} | {r['median_ms']:.2f}{' †' if r.get('disturbed') else ''} "
                 f"| {r['q1_ms']:.2f}–{r['q3_ms']:.2f} "
                 f"| {r['min_ms']:.2f}–{r['max_ms']:.2f} | {_f(r.get('ms_vs_betty'))} | {r['peak_mb']:.1f} "
-                f"| {_f(r.get('mem_vs_betty'))} | {r['transient_mb']:.1f} | {_f(gf / 1e6 if gf else None, '.1f')} "
+                f"| {_f(r.get('mem_vs_betty'))} | {r['transient_mb']:.1f} | {_f(r.get('live_peak_mb'), '.1f')} "
+                f"| {_f(gf / 1e6 if gf else None, '.1f')} "
                 f"| {_f(100 * r['matmul_fraction'] if 'matmul_fraction' in r else None, '.1f')} | {r['cycles']} |"
             )
     for w, entry in doc["results"].items():
@@ -245,6 +249,8 @@ def markdown(doc: dict[str, Any]) -> str:
             met += " (within noise)"
         if "transient_mb" in t:
             met += f"; transient {t['transient_mb']:.1f} vs Betty {t['betty_transient_mb']:.1f} MB"
+        if t.get("live_peak_mb") is not None and t.get("betty_live_peak_mb") is not None:
+            met += f"; live tensors {t['live_peak_mb']:.1f} vs Betty {t['betty_live_peak_mb']:.1f} MB"
         lines.append(
             f"| {t['target']} | {t['workload']} | {t['impl']} | {_f(t['measured'], '.3f')} "
             f"| {_f(t.get('limit'), '.3f')} | {_f(t.get('bound'), '.3f')} | {met} |"

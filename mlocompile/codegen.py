@@ -13,7 +13,6 @@ from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.step import StepFn, StepVariant, build_step
 from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
-from passes import PassReport, run_graph_pipeline
 
 
 class StepExecutor:
@@ -36,9 +35,12 @@ class StepExecutor:
         self._fns: dict[tuple[StepVariant, tuple[tuple[str, str], ...]], StepFn] = {}
         self._traced: dict[tuple[Any, ...], TracedStep] = {}
         self.latest: dict[str, TracedStep] = {}
+        from passes import PassReport  # NOTE: lazily: passes imports mlocompile
+
         self.report = PassReport()
         self.memory_budget: float | None = None
         self.world_size = 1
+        self.donate = False  # set by the Engine: nothing but the engine holds old parameters
 
     def step_fn(self, variant: StepVariant) -> StepFn:
         """Return the (cached) pure step function of ``variant``."""
@@ -69,7 +71,10 @@ class StepExecutor:
         key = (variant, tuple(sorted(self.init_sources.items())), opt_sig, flat.key())
         traced = self._traced.get(key)
         if traced is None:
+            from passes import run_graph_pipeline
+
             traced = trace_step(self.step_fn(variant), flat, variant.title)
+            donated = self._donated(variant, traced, flat) if self.backend == "fx" else frozenset()
             cfg = self.program.problems[variant.problem].config
             traced.gm = run_graph_pipeline(
                 traced.gm,
@@ -80,12 +85,33 @@ class StepExecutor:
                 keep_fp32_methods=cfg.amp_fp32_methods,
                 memory_budget=self.memory_budget,
                 inplace=self.backend == "fx",
+                donated=donated,
             )
             if self.backend == "inductor":
                 traced.runner = _compile_with_inductor(traced, flat)
             self._traced[key] = traced
         self.latest[variant.title] = traced
         return traced
+
+    def _donated(self, variant: StepVariant, traced: TracedStep, flat: FlatInputs) -> frozenset[str]:
+        """Inputs an update step may overwrite: the problem's parameters and optimizer state.
+
+        The engine replaces them by the step's outputs, so their old values are dead
+        after the step, unless something else still holds them: a roll_back cache or
+        an itd window (``self.donate`` is False then), a problem started from another
+        one's parameters, or another input sharing the storage.
+        """
+        if not (self.donate and variant.update) or self.init_sources:
+            return frozenset()
+        prefix = f"params.{variant.problem}."
+        names = [n.meta["mlo.input"] for n in traced.gm.graph.nodes if n.op == "placeholder"]
+        ptrs = [t.untyped_storage().data_ptr() for t in flat.tensors]
+        return frozenset(
+            name
+            for name, ptr in zip(names, ptrs)
+            if (name.startswith(prefix) or (name.startswith("opt.") and not name.endswith(".step")))
+            and ptrs.count(ptr) == 1
+        )
 
     def param_sizes(self) -> dict[str, int]:
         """Flattened trainable-parameter count per problem."""

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 from torch.fx import GraphModule
 
 from mlocompile.ir import format_graph
-from passes import PassReport
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # NOTE: passes imports mlocompile; importing it here would make a cycle
     from mlocompile.engine import Engine
+    from passes import PassReport
 
 
 class CompiledProgram:

@@ -29,7 +29,6 @@ from mlocompile.optim import FunctionalOptimizer, StateDict, lower_optimizer
 from mlocompile.problem import Problem
 from mlocompile.program import ProgramGraph, build_program
 from mlocompile.step import StepVariant, needed_batches, needed_windows
-from passes import run_program_passes
 
 log = logging.getLogger("mlocompile")
 
@@ -74,6 +73,8 @@ class Engine:
         self.problems = list(problems)
         self.env = env
         self._attach_problems()
+        from passes import run_program_passes  # NOTE: lazily: passes imports mlocompile
+
         explicit = dependencies is not None
         self.dependencies = dependencies if dependencies is not None else infer_dependencies(self.problems)
         self.program: ProgramGraph = run_program_passes(
@@ -88,6 +89,10 @@ class Engine:
         self.optimizers = {n: self._lower(p) for n, p in self.program.problems.items()}
         self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
         self.executor.memory_budget = self.config.memory_budget
+        # itd windows and roll_back caches keep old parameters: then updates must not overwrite them
+        self.executor.donate = not self.config.roll_back and all(
+            p.config.type != "itd" for p in self.program.problems.values()
+        )
         self._run = {n: _Runtime(ready={c: False for c in self.program.children(n)}) for n in self.program.problems}
         for name, problem in self.program.problems.items():
             self._run[name].roll_back = self.config.roll_back and bool(self.program.parents(name))

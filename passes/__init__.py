@@ -99,8 +99,13 @@ def run_graph_pipeline(
     keep_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd"),
     memory_budget: float | None = None,
     inplace: bool = False,
+    donated: frozenset[str] = frozenset(),
 ) -> GraphModule:
-    """Run the default graph pipeline on one traced step (``inplace``: the fx backend's reinplacing)."""
+    """Run the default graph pipeline on one traced step.
+
+    ``inplace`` (the fx backend) ends it with ``reinplace_pointwise``, which may also
+    write into the ``donated`` inputs (named by ``mlo.input``).
+    """
     done: list[str] = []
     verify(gm)
     check_no_jacobians(gm, sizes)  # the VJP ordering must never materialize a d_i x d_j tensor
@@ -112,7 +117,7 @@ def run_graph_pipeline(
     if memory_budget is not None:  # last: CSE after it would merge the recomputations back
         gm = run_pass(gm, "insert_checkpoints", title, done, report, memory_budget=memory_budget)
     if inplace:  # very last: other passes treat mutating nodes as impure
-        gm = run_pass(gm, "reinplace_pointwise", title, done, report)
+        gm = run_pass(gm, "reinplace_pointwise", title, done, report, donated=donated)
     return gm
 
 

@@ -144,11 +144,13 @@ def insert_checkpoints(gm: GraphModule, *, memory_budget: float | int) -> GraphM
     return gm
 
 
-def measure_peak_memory(fn: Any, *args: Any) -> int:
+def measure_peak_memory(fn: Any, *args: Any, exclude: frozenset[int] = frozenset()) -> int:
     """Run ``fn(*args)`` and return the peak bytes of the tensors it allocated at once.
 
     A dispatch mode sees every tensor an op returns; storages are counted once
     (views are free) and released when the last tensor using them is collected.
+    Storages of ``args`` and those whose data pointers are in ``exclude`` (tensors
+    that existed before) are not counted; the caller must keep the latter alive.
     """
     import weakref
 
@@ -156,7 +158,7 @@ def measure_peak_memory(fn: Any, *args: Any) -> int:
 
     state = {"live": 0, "peak": 0}
     refs: dict[int, list[int]] = {}  # storage pointer -> [tensors alive, bytes]
-    external = {
+    external = set(exclude) | {
         t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)
     }
 

@@ -40,14 +40,39 @@ def _aliases(node: Node) -> bool:
     return target in UNANNOTATED_VIEWS or any(r.alias_info is not None for r in target._schema.returns)
 
 
-def reinplace_pointwise(gm: GraphModule) -> GraphModule:
+def _read_later(a: Node, n: Node, pos: dict[Node, int]) -> bool:
+    """Whether anything other than ``n`` reads ``a``'s buffer at or after ``n``.
+
+    Views of ``a`` (and views of those) count as ``a``: a view used after ``n``, or
+    used by ``n`` itself (``add(a, a.t())`` would overwrite what it still reads), or
+    returned by the graph, keeps ``a``'s buffer from being written.
+    """
+    stack, seen = [a], {a}
+    while stack:
+        x = stack.pop()
+        for u in x.users:
+            if u is n:
+                if x is a:
+                    continue
+                return True
+            if pos[u] > pos[n]:
+                return True
+            if _aliases(u) and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return False
+
+
+def reinplace_pointwise(gm: GraphModule, donated: frozenset[str] = frozenset()) -> GraphModule:
     """Turn pointwise ops whose first input is a dead temporary into their in-place variants.
 
     ``n = op(a, ...)`` becomes ``op_(a, ...)`` when: ``op`` is pointwise and has an
     in-place variant with the same arguments; ``a`` is a buffer the graph owns (the
-    fresh result of a non-aliasing op, or of an op this pass already made in place);
-    every other user of ``a`` comes before ``n`` and none of them is a view; ``a`` is
-    not a graph output; and ``a`` and ``n`` have the same shape, dtype and strides
+    fresh result of a non-aliasing op, of an op this pass already made in place, or a
+    *donated* input: a placeholder whose ``mlo.input`` is in ``donated``, which the
+    caller will replace by the step's output, like a parameter the optimizer updates);
+    nothing else reads ``a`` at or after ``n``, directly or through a view of it
+    (``_read_later``); ``a`` is not a graph output; and ``a`` and ``n`` have the same shape, dtype and strides
     (no broadcasting into ``a``, no type promotion).
 
     Requires: a verified step graph with ``val`` meta (run last: later passes such as
@@ -64,7 +89,7 @@ def reinplace_pointwise(gm: GraphModule) -> GraphModule:
     pos = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
     returned = set(output.all_input_nodes)
-    owned: set[Node] = set()
+    owned = {n for n in nodes if n.op == "placeholder" and n.meta.get("mlo.input") in donated}
     for n in nodes:
         target = n.target
         if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
@@ -72,9 +97,9 @@ def reinplace_pointwise(gm: GraphModule) -> GraphModule:
         if torch.Tag.pointwise not in target.tags or not n.args or not isinstance(n.args[0], Node):
             continue
         a = n.args[0]
-        if a.op != "call_function" or a in returned or (_aliases(a) and a not in owned):
+        if a in returned or (a not in owned and (a.op != "call_function" or _aliases(a))):
             continue
-        if any(u is not n and (pos[u] > pos[n] or _aliases(u)) for u in a.users):
+        if _read_later(a, n, pos):
             continue
         va, vn = a.meta.get("val"), n.meta.get("val")
         if not isinstance(va, torch.Tensor) or not isinstance(vn, torch.Tensor):
