@@ -18,7 +18,9 @@ class CompiledProgram:
 
     ``.ir`` is deterministic text (golden tests compare it), ``.code`` the Python
     source FX generated for each step (it executes), ``.graph_modules`` the
-    GraphModules by step name.
+    GraphModules by step name. With the fx backend an update step writes the new
+    parameters and optimizer state into its parameter/state inputs (``addcmul_`` on
+    ``params.*`` in the IR): call it on copies to inspect it without stepping.
     """
 
     def __init__(self, engine: Engine) -> None:

@@ -19,6 +19,8 @@ class Config:
     hypergradient passes through *this* problem: ``darts`` (finite differences,
     Hessian-inverse ~ identity), ``neumann`` (Neumann series), ``cg`` (conjugate
     gradient) or ``itd`` (reverse mode through the last ``unroll_steps`` updates).
+    ``itd_segments`` (not in Betty) checkpoints an itd replay: 0 = automatic (only
+    under ``EngineConfig.memory_budget``), 1 = off, S = replay S segments one at a time.
     """
 
     type: str = "darts"

@@ -49,9 +49,10 @@ class StepEnv:
     def itd_segments(self, curr: str) -> int:
         """How many segments ``curr``'s itd replay is cut into (1: not checkpointed).
 
-        ``Config.itd_segments`` when set; otherwise, under a memory budget, ⌈1/b⌉ for a
-        fraction b (each segment's intermediates are about 1/S of the unsegmented step's)
-        or ⌈√K⌉ for a budget in bytes (the classic choice); without a budget, 1.
+        ``Config.itd_segments`` when set; otherwise, under a memory budget, ⌈1/b⌉ + 1 for
+        a fraction b (one replayed segment holds ~1/S of the unsegmented step's values,
+        and the S stored segment starts need room too) or ⌈√K⌉ for a budget in bytes
+        (the classic choice); without a budget, 1.
         """
         cfg = self.fp.problems[curr].config
         if cfg.itd_segments > 0:
@@ -59,7 +60,7 @@ class StepEnv:
         budget = self.memory_budget
         if budget is None:
             return 1
-        return max(2, math.ceil(1 / budget)) if budget <= 1 else math.ceil(math.sqrt(cfg.unroll_steps))
+        return math.ceil(1 / budget) + 1 if budget <= 1 else math.ceil(math.sqrt(cfg.unroll_steps))
 
     def loss_of(self, curr: str, prev: str) -> Callable[[Params, Params], Tensor]:
         """Return ``(w_curr, w_prev) -> C_curr`` on curr's last batch, all else fixed."""
