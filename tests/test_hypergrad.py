@@ -60,10 +60,12 @@ class RidgeOuter(mlo.ImplicitProblem):
         return ridge_outer_loss(self.inner(), Xv, yv)
 
 
-def ridge_engine(config: mlo.Config, backend: str, w0: torch.Tensor, inner_batches, outer_lr: float = 1.0):
+def ridge_engine(
+    config: mlo.Config, backend: str, w0: torch.Tensor, inner_batches, outer_lr: float = 1.0, inner_cls=None
+):
     X, y, Xv, yv, lam = ridge_data()
     wmod, hmod = Vec(w0), Vec(lam)
-    inner = RidgeInner(
+    inner = (inner_cls or RidgeInner)(
         "inner", config, wmod, torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9), train_data_loader=inner_batches
     )
     outer = RidgeOuter(
@@ -204,20 +206,8 @@ class MamlInner(RidgeInner):
 def test_itd_differentiates_through_initialisation(backend):
     """MAML-style: the inner starts each window from the upper's parameters (a u2l init edge)."""
     X, y, Xv, yv, lam = ridge_data()
-    wmod, hmod = Vec(torch.zeros(D)), Vec(lam)
-    inner = MamlInner(
-        "inner",
-        mlo.Config(type="itd", unroll_steps=K),
-        wmod,
-        torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9),
-        train_data_loader=itd_batches(),
-    )
-    outer = RidgeOuter(
-        "outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=1.0), train_data_loader=[(Xv, yv)]
-    )
-    engine = mlo.Engine(
-        [outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
-    )
+    config = mlo.Config(type="itd", unroll_steps=K)
+    engine, wmod, hmod = ridge_engine(config, backend, torch.zeros(D), itd_batches(), inner_cls=MamlInner)
     lam_before = hmod.p.detach().clone()
     for _ in range(K):
         engine.train_step()
@@ -235,20 +225,9 @@ def test_itd_segments_match_hand_unrolled_loop(backend, segments, init_from_lam)
     X, y, Xv, yv, lam = ridge_data()
     batches = [(X[i::k], y[i::k]) for i in range(k)]
     w0 = torch.zeros(D) if init_from_lam else torch.linspace(-1, 1, D)
-    wmod, hmod = Vec(w0), Vec(lam)
-    cls = MamlInner if init_from_lam else RidgeInner
-    inner = cls(
-        "inner",
-        mlo.Config(type="itd", unroll_steps=k, itd_segments=segments),
-        wmod,
-        torch.optim.SGD(wmod.parameters(), lr=0.1, momentum=0.9),
-        train_data_loader=batches,
-    )
-    outer = RidgeOuter(
-        "outer", mlo.Config(), hmod, torch.optim.SGD(hmod.parameters(), lr=1.0), train_data_loader=[(Xv, yv)]
-    )
-    engine = mlo.Engine(
-        [outer, inner], mlo.EngineConfig(compile=backend), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
+    config = mlo.Config(type="itd", unroll_steps=k, itd_segments=segments)
+    engine, wmod, hmod = ridge_engine(
+        config, backend, w0, batches, inner_cls=MamlInner if init_from_lam else RidgeInner
     )
     lam_before = hmod.p.detach().clone()
     for _ in range(k):
