@@ -109,7 +109,7 @@ class TracedStep:
     gm: GraphModule
     out_spec: pytree.TreeSpec
     title: str
-    runner: Any = None  # what executes: ``gm`` itself, or its inductor-compiled form
+    runner: Any = None  # what executes: ``gm`` (if None), its direct-call form (fx) or its inductor-compiled form
 
     def __call__(self, flat: FlatInputs) -> dict[str, Any]:
         outs = (self.gm if self.runner is None else self.runner)(*flat.tensors)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 
@@ -175,3 +177,27 @@ def test_flat_inputs_key_tells_shared_from_distinct_inputs():
     assert left.key() != right.key()  # same inputs, different sharing: not the same graph
     plain = torch.ones(2)
     assert len(flatten_inputs({"a": plain, "b": plain}).tensors) == 2  # unmarked tensors are never merged
+
+
+def test_direct_runner_runs_the_graph_bit_for_bit_and_keeps_tracebacks():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mlocompile.codegen import direct_runner
+
+    def step(w, x, idx):
+        h = torch.relu(x @ w.t())
+        picked = h[idx]  # index: an op with an optional-tensor list argument
+        return torch.log_softmax(picked, 1).sum(), h.max(dim=1).indices
+
+    args = (torch.randn(5, 4), torch.randn(8, 4), torch.tensor([0, 2, 7]))
+    gm = make_fx(step)(*args)
+    run = direct_runner(gm, "step_demo")
+    for want, got in zip(gm(*args), run(*args)):
+        assert torch.equal(want, got)
+    assert "torch.ops.aten" in gm.code  # FX's code goes through OpOverload.__call__ ...
+
+    bad = (torch.randn(5, 3), *args[1:])  # ... the runner's calls the same ops directly, and errors
+    with pytest.raises(RuntimeError) as info:  # still point into the generated source
+        run(*bad)
+    text = "".join(traceback.format_exception(info.value))
+    assert "<mlocompile step_demo>" in text and "_aten_mm_default(" in text
