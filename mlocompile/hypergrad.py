@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, with_params
+from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, tree_norm, with_params
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer, StateDict
 
@@ -86,15 +86,11 @@ def register_vjp(method: str) -> Callable[[VjpRule], VjpRule]:
     return deco
 
 
-def _norm(v: Params) -> Tensor:
-    return torch.sqrt(sum((t * t).sum() for t in v.values()))  # type: ignore[arg-type]
-
-
 @register_vjp("darts")
 def darts_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """Finite-difference ``−∇²_{λw}L·v`` with ``eps = darts_alpha / ‖v‖`` (Hessian⁻¹ ≈ I)."""
     cfg = env.fp.problems[curr].config
-    eps = cfg.darts_alpha / (_norm(v) + 1e-15)
+    eps = cfg.darts_alpha / (tree_norm(v) + 1e-15)
     loss = env.loss_of(curr, prev)
     w = env.params[curr]
     grad_prev = torch.func.grad(lambda lam, w_: loss(w_, lam), argnums=0)

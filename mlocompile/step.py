@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mlocompile.distributed import average_gradients
-from mlocompile.functional import FunctionalProgram, Params, with_params
+from mlocompile.functional import FunctionalProgram, Params, tree_norm, with_params
 from mlocompile.hypergrad import StepEnv, Window, run_plan
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer
@@ -48,7 +48,7 @@ def needed_windows(program: ProgramGraph, name: str) -> list[str]:
 
 
 def _clip(grads: Params, max_norm: float) -> Params:
-    norm = torch.sqrt(sum((g.detach() * g.detach()).sum() for g in grads.values()))  # type: ignore[arg-type]
+    norm = tree_norm({k: g.detach() for k, g in grads.items()})
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return {k: g * coef for k, g in grads.items()}
 
@@ -115,7 +115,7 @@ def build_step(
             with annotate(problem=name, role="comm"):  # DDP: the averaged gradient is what every rank applies
                 total = average_gradients(total, world_size)
         with annotate(problem=name, role="update"):
-            grad_norm = torch.sqrt(sum((g * g).sum() for g in total.values()))
+            grad_norm = tree_norm(total)
         out: dict[str, Any] = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "logs": logs}
         found_inf = ~torch.isfinite(grad_norm) if scale is not None else None
         if found_inf is not None:
