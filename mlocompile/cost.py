@@ -201,7 +201,7 @@ def estimate_peak_memory(gm: GraphModule) -> tuple[int, str]:
             assert isinstance(parent, Node)
             held[node] = [items[parent][index]] if parent in items else held[parent]  # type: ignore[index]
         elif node.op == "call_function":
-            source = _aliased_input(node)
+            source = aliased_input(node)
             if source is not None:
                 held[node] = held.get(source, [])
             elif isinstance(val, (tuple, list)):
@@ -224,7 +224,7 @@ def estimate_peak_memory(gm: GraphModule) -> tuple[int, str]:
     return peak, nodes[at].name if nodes else ""
 
 
-def _aliased_input(node: Node) -> Node | None:
+def aliased_input(node: Node) -> Node | None:
     """Return the input node whose storage ``node``'s output shares (views, in-place ops), if any."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):

@@ -24,6 +24,7 @@ from passes.dce import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
 from passes.order_vjps import check_no_jacobians, order_vjps
 from passes.reinplace import reinplace_pointwise
+from passes.simplify import simplify_no_ops
 
 GraphPass = Callable[..., GraphModule]
 PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
@@ -31,6 +32,7 @@ PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
     "order_vjps": order_vjps,
 }
 GRAPH_PASSES: dict[str, GraphPass] = {
+    "simplify_no_ops": simplify_no_ops,
     "eliminate_dead_code": eliminate_dead_code,
     "eliminate_common_subexpressions": eliminate_common_subexpressions,
     "cast_for_amp": cast_for_amp,
@@ -112,6 +114,7 @@ def run_graph_pipeline(
     if precision != "fp32":  # first, so CSE merges the repeated casts of a weight
         policy = precision_policy(precision, keep_fp32_methods)
         gm = run_pass(gm, "cast_for_amp", title, done, report, policy=policy)
+    gm = run_pass(gm, "simplify_no_ops", title, done, report)  # t(t(w)), x / 1, zeros + h: before CSE keys on them
     gm = run_pass(gm, "eliminate_common_subexpressions", title, done, report)  # merges repeated forwards
     gm = run_pass(gm, "eliminate_dead_code", title, done, report)  # after CSE: drops what merging orphaned
     # NOTE: a checkpointed (segmented) itd replay already bounds its graph's peak; remat on
@@ -139,4 +142,5 @@ __all__ = [
     "run_graph_pipeline",
     "run_pass",
     "run_program_passes",
+    "simplify_no_ops",
 ]

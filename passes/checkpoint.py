@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.cost import _aliased_input, estimate_peak_memory
+from mlocompile.cost import aliased_input, estimate_peak_memory
 
 aten = torch.ops.aten
 MAX_CHAIN = 6  # nodes recomputed for one checkpointed value, at most
@@ -71,7 +71,7 @@ def _live_at(gm: GraphModule, at: int) -> tuple[list[Node], dict[Node, int], dic
         if n.op == "call_function"
         and last_use[n] > at
         and _nbytes(n) > 0
-        and _aliased_input(n) is None
+        and aliased_input(n) is None
         and n.target is not operator.getitem
         and all(pos[u] > at for u in n.users if pos[u] >= at)
     ]

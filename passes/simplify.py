@@ -1,0 +1,139 @@
+"""Pass: drop operations that return their input unchanged (algebraic no-ops).
+
+Traced steps carry many: ``t(t(w))`` from the transposes of a linear layer's
+backward, ``x / 1`` and ``x * 1`` from loss scaling by ``gradient_accumulation = 1``,
+``0 + x`` from Python's ``sum()``, ``zeros_like(w) + h`` where a problem's loss does
+not read its own parameters and its gradient is all hypergradient, views to the
+shape a tensor already has. Each costs a dispatch (and the arithmetic ones a fresh
+tensor) in the fx backend; removing them leaves the values unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from mlocompile.cost import aliased_input
+
+aten = torch.ops.aten
+_ADDS = {aten.add.Tensor, aten.add.Scalar}
+_SUBS = {aten.sub.Tensor, aten.sub.Scalar}
+_MULS = {aten.mul.Tensor, aten.mul.Scalar}
+_DIVS = {aten.div.Tensor, aten.div.Scalar}
+_ZEROS = {aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default}
+_SAME_SHAPE_VIEWS = {aten.view.default, aten.expand.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _is_number(arg: Any, value: float) -> bool:
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool) and arg == value
+
+
+def _is_zeros(arg: Any, written: set[Node]) -> bool:
+    return isinstance(arg, Node) and arg.op == "call_function" and arg.target in _ZEROS and arg not in written
+
+
+def _alpha_is_one(node: Node) -> bool:
+    return _is_number(node.kwargs.get("alpha", 1), 1)
+
+
+def _candidate(node: Node, written: set[Node]) -> Node | None:
+    """The input ``node`` returns unchanged, if it is an algebraic no-op, else None."""
+    target, args = node.target, node.args
+    if target in _ADDS | _SUBS and len(args) == 2 and _is_number(args[1], 0):
+        return args[0] if isinstance(args[0], Node) else None  # x + α·0, x − α·0
+    if target in _MULS | _DIVS and len(args) == 2 and _is_number(args[1], 1):
+        return args[0] if isinstance(args[0], Node) else None  # x · 1, x / 1
+    if target is aten.mul.Tensor and len(args) == 2 and _is_number(args[0], 1):
+        return args[1] if isinstance(args[1], Node) else None
+    if target is aten.add.Tensor and len(args) == 2 and _alpha_is_one(node):
+        if _is_zeros(args[0], written) and isinstance(args[1], Node):
+            return args[1]  # zeros + x
+        if _is_zeros(args[1], written) and isinstance(args[0], Node):
+            return args[0]  # x + zeros
+    if target is aten.sub.Tensor and len(args) == 2 and _is_zeros(args[1], written) and isinstance(args[0], Node):
+        return args[0]  # x − α·zeros
+    if target is aten.t.default:
+        inner = args[0]
+        if isinstance(inner, Node) and inner.op == "call_function" and inner.target is aten.t.default:
+            return inner.args[0] if isinstance(inner.args[0], Node) else None  # t(t(x))
+    if target in _SAME_SHAPE_VIEWS and isinstance(args[0], Node):
+        return args[0]  # kept only if the shapes (and strides) match, below
+    return None
+
+
+def _same_tensor_meta(a: Node, b: Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    return (
+        va.shape == vb.shape
+        and va.dtype == vb.dtype
+        and va.device == vb.device
+        and va.stride() == vb.stride()
+        and va.storage_offset() == vb.storage_offset()
+    )
+
+
+def _base(node: Node) -> Node:
+    """Walk back through views (and in-place ops) to the node that owns the storage."""
+    while node.op == "call_function" and (source := aliased_input(node)) is not None:
+        node = source
+    return node
+
+
+def _mutated_bases(gm: GraphModule) -> set[Node]:
+    """The storages some op of the graph writes (through any view of them)."""
+    bases = set()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, Node):
+                bases.add(_base(value))
+    return bases
+
+
+def simplify_no_ops(gm: GraphModule) -> GraphModule:
+    """Replace each node that returns one of its inputs unchanged by that input.
+
+    Rewritten: ``x + 0``, ``x − 0``, ``x · 1``, ``1 · x``, ``x / 1``, ``x + zeros``,
+    ``zeros + x``, ``x − zeros`` (``zeros`` made by ``zeros_like``/``zeros``/``new_zeros``),
+    ``t(t(x))`` and ``view``/``expand``/``reshape`` to the shape ``x`` already has;
+    each only when ``x``'s shape, dtype, device, strides and storage offset equal the
+    node's (no broadcasting, no type promotion, same layout for later views). A
+    rewrite makes the node's users share ``x``'s storage, so it is skipped when an op
+    of the graph writes either storage, and for a node the graph returns (an output
+    must not alias an input the caller may update).
+
+    Requires: a verified step graph with ``val`` meta.
+    Ensures: the same values; fewer nodes.
+
+    Before/after::
+
+        %a = aten.t(%w)                      %c = aten.mm(%g, %w)
+        %b = aten.t(%a)              =>      %e = aten.add(%c, %c)
+        %c = aten.mm(%g, %b)
+        %d = aten.mul(%c, 1)
+        %e = aten.add(%d, %d)
+    """
+    written = _mutated_bases(gm)
+    outputs = {a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node in outputs:
+            continue
+        source = _candidate(node, written)
+        if source is None or not _same_tensor_meta(node, source):
+            continue
+        if _base(node) in written or _base(source) in written:
+            continue
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()  # e.g. the zeros_like and inner t() a rewrite orphaned
+    gm.recompile()
+    return gm
