@@ -139,12 +139,13 @@ class FunctionalOptimizer:
         by all parameters with the same count.
         """
         out: StateDict = {}
+        flags = [self._flags(i) for i in range(len(self.optimizer.param_groups))]
         for name, p in self.named_params.items():
             st = self.optimizer.state.get(p, {})  # .get: never create empty entries
             if self.kind == "sgd":
                 s: dict[str, Tensor] = {}
                 step = self._sgd_steps.get(name, 0.0)
-                if self._flags(self._group_of[name]).momentum:
+                if flags[self._group_of[name]].momentum:
                     buf = st.get("momentum_buffer")
                     # step == 0 selects torch's "buf = grad" first-step branch.
                     step = 0.0 if buf is None else max(step, 1.0)
@@ -152,7 +153,7 @@ class FunctionalOptimizer:
             else:
                 step = float(st["step"]) if "step" in st else 0.0
                 keys = ["exp_avg", "exp_avg_sq"]
-                if self._flags(self._group_of[name]).amsgrad:
+                if flags[self._group_of[name]].amsgrad:
                     keys.append("max_exp_avg_sq")
                 s = {k: st[k] if k in st else torch.zeros_like(p) for k in keys}
             s["step"] = self._shared_step(step)
@@ -178,10 +179,13 @@ class FunctionalOptimizer:
         Tensors are stored detached but not copied, so a later eager
         ``optimizer.step()`` updates them in place.
         """
+        counts: dict[int, float] = {}  # parameters stepped together share one counter tensor: read it once
         for name, s in state.items():
             p = self.named_params[name]
             group = self.optimizer.param_groups[self._group_of[name]]
-            step = float(s["step"])
+            step = counts.get(id(s["step"]))
+            if step is None:
+                step = counts[id(s["step"])] = float(s["step"])
             if step == 0:
                 # never stepped (e.g. a restored snapshot): torch holds no state for it
                 self.optimizer.state.pop(p, None)
@@ -190,18 +194,19 @@ class FunctionalOptimizer:
             if self.kind == "sgd":
                 self._sgd_steps[name] = step
                 if float(group["momentum"]) != 0:
-                    self.optimizer.state[p]["momentum_buffer"] = s["momentum_buffer"].detach()
+                    self.optimizer.state[p]["momentum_buffer"] = _detached(s["momentum_buffer"])
                 continue
             st = self.optimizer.state[p]
             fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
-            st["step"] = torch.tensor(
-                step,
-                dtype=_scalar_dtype(fused),
-                device=p.device if fused or capturable else "cpu",
-            )
+            dtype, device = _scalar_dtype(fused), p.device if fused or capturable else torch.device("cpu")
+            old = st.get("step")
+            if isinstance(old, Tensor) and old.dim() == 0 and old.dtype == dtype and old.device == device:
+                old.fill_(step)  # as torch.optim does (it increments its counter in place)
+            else:
+                st["step"] = torch.tensor(step, dtype=dtype, device=device)
             for k, v in s.items():
                 if k != "step":
-                    st[k] = v.detach()
+                    st[k] = _detached(v)
 
     def update(
         self,
@@ -312,6 +317,10 @@ def _adam_update(
     denom = second.sqrt() / bias_correction2_sqrt.to(dt) + h["eps"].to(dt)
     # torch: param.addcdiv_(exp_avg, denom, value=-step_size) == param + (v * t1) / t2
     return param + (-step_size).to(dt) * exp_avg / denom, out
+
+
+def _detached(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t
 
 
 def _scalar_dtype(fused: bool) -> torch.dtype:
