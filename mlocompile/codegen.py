@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from typing import Any
@@ -89,8 +90,7 @@ class StepExecutor:
             )
             if self.backend == "inductor":
                 traced.runner = _compile_with_inductor(traced, flat)
-            else:
-                traced.runner = direct_runner(traced.gm, variant.title)
+            traced.runner = traced.runner or direct_runner(traced.gm, variant.title)
             self._traced[key] = traced
         self.latest[variant.title] = traced
         return traced
@@ -172,15 +172,20 @@ def direct_runner(gm: torch.fx.GraphModule, title: str) -> Any:
 
 
 def _compile_with_inductor(traced: TracedStep, flat: Any) -> Any:
-    """Compile a traced step with inductor; on failure warn, name the op, and run it with fx.
+    """Compile a traced step with inductor; on failure warn, name the op, and return None.
 
-    The compile happens here (one warm-up call) rather than lazily, so a failure is
-    caught at a known point. Inductor's FX-graph and AOT caches (on by default) make a
-    second process reuse the compiled kernels instead of compiling again.
+    The graph goes to inductor directly (``torch._inductor.compile``: AOTAutograd and
+    inductor, no TorchDynamo), compiled for these inputs' shapes, dtypes and devices.
+    Dynamo would re-check those on every call (~40 µs of guards); the executor's
+    cache key already does, so a changed signature traces and compiles anew.
+    Inductor's FX-graph and AOT caches (on by default) make a second process reuse
+    the compiled kernels instead of compiling again.
     """
-    compiled = torch.compile(traced.gm, backend="inductor", fullgraph=True, dynamic=False)
+    from torch import _inductor
+
+    gm = copy.deepcopy(traced.gm)  # compile_fx may rewrite the module it is given; .ir shows traced.gm
     try:
-        compiled(*flat.tensors)
+        return _inductor.compile(gm, list(flat.tensors))
     except Exception as exc:  # inductor raises many types; all mean "could not compile"
         msg = str(exc)
         ops = sorted(set(re.findall(r"aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", msg)))
@@ -191,4 +196,3 @@ def _compile_with_inductor(traced: TracedStep, flat: Any) -> Any:
             stacklevel=3,
         )
         return None
-    return compiled
