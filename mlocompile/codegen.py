@@ -42,6 +42,7 @@ class StepExecutor:
         self.memory_budget: float | None = None
         self.world_size = 1
         self.donate = False  # set by the Engine: nothing but the engine holds old parameters
+        self.buffers: dict[tuple[Any, ...], list[torch.Tensor]] = {}  # fx: static temporaries, shared by all steps
 
     def step_fn(self, variant: StepVariant) -> StepFn:
         """Return the (cached) pure step function of ``variant``."""
@@ -87,6 +88,8 @@ class StepExecutor:
                 memory_budget=self.memory_budget,
                 inplace=self.backend == "fx",
                 donated=donated,
+                buffers=self.buffers,
+                device=_common_device(flat.tensors),
             )
             if self.backend == "inductor":
                 traced.runner = _compile_with_inductor(traced, flat)
@@ -118,6 +121,12 @@ class StepExecutor:
     def param_sizes(self) -> dict[str, int]:
         """Flattened trainable-parameter count per problem."""
         return {n: sum(p.numel() for p in prob.trainable_parameters()) for n, prob in self.program.problems.items()}
+
+
+def _common_device(tensors: list[torch.Tensor]) -> torch.device | None:
+    """The one device a step's non-scalar inputs live on, or None if they span several."""
+    devices = {t.device for t in tensors if t.dim() > 0}
+    return devices.pop() if len(devices) == 1 else None
 
 
 _OP_CALL = re.compile(r"\btorch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\(")

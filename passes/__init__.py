@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.fx import GraphModule
 
 from mlocompile.errors import MLOError, PassError
 from mlocompile.ir import verify
 from mlocompile.program import ProgramGraph
 from passes.amp import cast_for_amp, precision_policy
+from passes.buffers import BufferPool, plan_static_buffers
 from passes.checkpoint import insert_checkpoints
 from passes.cse import eliminate_common_subexpressions
 from passes.dce import eliminate_dead_code
@@ -38,6 +40,7 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "cast_for_amp": cast_for_amp,
     "insert_checkpoints": insert_checkpoints,
     "reinplace_pointwise": reinplace_pointwise,
+    "plan_static_buffers": plan_static_buffers,
 }
 
 
@@ -102,11 +105,15 @@ def run_graph_pipeline(
     memory_budget: float | None = None,
     inplace: bool = False,
     donated: frozenset[str] = frozenset(),
+    buffers: BufferPool | None = None,
+    device: torch.device | None = None,
 ) -> GraphModule:
     """Run the default graph pipeline on one traced step.
 
     ``inplace`` (the fx backend) ends it with ``reinplace_pointwise``, which may also
-    write into the ``donated`` inputs (named by ``mlo.input``).
+    write into the ``donated`` inputs (named by ``mlo.input``), and
+    ``plan_static_buffers``, which keeps large temporaries in the ``buffers`` pool
+    (tensors on ``device``).
     """
     done: list[str] = []
     verify(gm)
@@ -124,6 +131,7 @@ def run_graph_pipeline(
         gm = run_pass(gm, "insert_checkpoints", title, done, report, memory_budget=memory_budget)
     if inplace:  # very last: other passes treat mutating nodes as impure
         gm = run_pass(gm, "reinplace_pointwise", title, done, report, donated=donated)
+        gm = run_pass(gm, "plan_static_buffers", title, done, report, device=device, pool=buffers)
     return gm
 
 
@@ -138,6 +146,7 @@ __all__ = [
     "enumerate_paths",
     "insert_checkpoints",
     "order_vjps",
+    "plan_static_buffers",
     "reinplace_pointwise",
     "run_graph_pipeline",
     "run_pass",

@@ -124,6 +124,7 @@ def test_pass_report_and_cse_dce_preserve_semantics():
         torch.testing.assert_close(out[key], eager[key], rtol=1e-12, atol=0)
     rows = [r for r in engine.executor.report.records if r.graph == "step_outer"]
     names = ["simplify_no_ops", "eliminate_common_subexpressions", "eliminate_dead_code", "reinplace_pointwise"]
+    names.append("plan_static_buffers")
     assert [r.name for r in rows] == names
     assert rows[0].nodes_after < rows[0].nodes_before  # t(t(w)), loss / 1, ...
     assert rows[1].nodes_after < rows[1].nodes_before  # neumann's repeated linearizations share work
