@@ -115,3 +115,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def step_graph(fn, *args):
+    """Trace ``fn`` with make_fx into a step-like graph: every node annotated, slim meta."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mlocompile.ir import slim_meta
+
+    gm = make_fx(fn)(*args)
+    for node in gm.graph.nodes:
+        node.meta.setdefault("mlo.problem", "p")
+        node.meta.setdefault("mlo.role", "update")
+    slim_meta(gm)
+    return gm

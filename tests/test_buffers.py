@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from mlocompile.ir import slim_meta
 from passes import GRAPH_PASSES
 from passes.buffers import out_variant, plan_static_buffers
-from programs import mwn_engine
+from programs import mwn_engine, step_graph
 
 aten = torch.ops.aten
-
-
-def _graph(fn, *args):
-    gm = make_fx(fn)(*args)
-    for node in gm.graph.nodes:
-        node.meta.setdefault("mlo.problem", "p")
-        node.meta.setdefault("mlo.role", "update")
-    slim_meta(gm)
-    return gm
 
 
 def _planned(gm):
@@ -44,7 +33,7 @@ def test_lifetimes_decide_sharing_and_outputs_are_never_planned():
 
     x, w = torch.randn(64, 64), torch.randn(64, 64)
     pool: dict = {}
-    gm = plan_static_buffers(_graph(f, x, w), torch.device("cpu"), pool, min_bytes=1024)
+    gm = plan_static_buffers(step_graph(f, x, w), torch.device("cpu"), pool, min_bytes=1024)
     planned = _planned(gm)
     assert planned, gm.code
     output = next(n for n in gm.graph.nodes if n.op == "output")

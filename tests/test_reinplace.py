@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from mlocompile.ir import slim_meta
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs, trace_step
 from passes import run_graph_pipeline
 from passes.reinplace import reinplace_pointwise
-from programs import chain_engine, mwn_engine
-
-
-def _graph(fn, *args):
-    gm = make_fx(fn)(*args)
-    for node in gm.graph.nodes:
-        node.meta.setdefault("mlo.problem", "p")
-        node.meta.setdefault("mlo.role", "update")
-    slim_meta(gm)
-    return gm
+from programs import chain_engine, mwn_engine, step_graph
 
 
 def _targets(gm):
@@ -35,7 +24,7 @@ def test_temporaries_become_in_place_inputs_and_outputs_never():
         return c, x + 1, a.shape[0] * y  # x is an input: never written
 
     x, y = torch.randn(4), torch.randn(4)
-    gm = reinplace_pointwise(_graph(f, x, y))
+    gm = reinplace_pointwise(step_graph(f, x, y))
     assert _targets(gm).count("aten.add_.Tensor") == 1
     assert "aten.relu_.default" in _targets(gm)
     assert "aten.mul_.Tensor" not in _targets(gm)  # x * 2 reads an input; 4 * y too
@@ -59,7 +48,7 @@ def test_never_into_a_broadcast_a_promotion_a_live_view_or_an_output():
         return b, u, tv, k, w, z
 
     args = (torch.randn(()), torch.randn(3), torch.randn(2, 3), torch.arange(3))
-    gm = reinplace_pointwise(_graph(f, *args))
+    gm = reinplace_pointwise(step_graph(f, *args))
     assert not any(t.split(".")[1].endswith("_") for t in _targets(gm)), _targets(gm)
     for got, want in zip(gm(*args), f(*args)):
         assert torch.equal(got, want)

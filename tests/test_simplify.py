@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from mlocompile.ir import slim_meta
 from passes.simplify import simplify_no_ops
-from programs import mwn_engine
-
-
-def _graph(fn, *args):
-    gm = make_fx(fn)(*args)
-    slim_meta(gm)
-    return gm
+from programs import mwn_engine, step_graph
 
 
 def _targets(gm):
@@ -29,7 +21,7 @@ def test_no_ops_are_removed_and_values_kept():
         return torch.relu(d) * 2
 
     w, g, h = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2)
-    gm = _graph(f, w, g, h)
+    gm = step_graph(f, w, g, h)
     before = len(gm.graph.nodes)
     gm = simplify_no_ops(gm)
     targets = _targets(gm)
@@ -50,7 +42,7 @@ def test_kept_where_a_rewrite_would_change_shape_dtype_layout_or_alias():
         return a, b, c.contiguous().view(-1), d
 
     s, x, n, y = torch.randn(()), torch.randn(2, 3), torch.arange(4), torch.randn(4)
-    gm = simplify_no_ops(_graph(f, s, x, n, y))
+    gm = simplify_no_ops(step_graph(f, s, x, n, y))
     targets = _targets(gm)
     assert "aten.zeros.default" in targets and targets.count("aten.add.Tensor") >= 1
     assert targets.count("aten.mul.Tensor") == 2  # n * 1.0 and the returned y * 1
@@ -71,7 +63,7 @@ def test_nothing_is_rewritten_onto_a_storage_the_graph_writes():
         return a, b, c
 
     x = torch.randn(4)
-    gm = simplify_no_ops(_graph(f, x))
+    gm = simplify_no_ops(step_graph(f, x))
     targets = _targets(gm)
     assert "aten.add.Tensor" in targets and "aten.mul.Tensor" in targets
     for got, want in zip(gm(x), f(x)):
