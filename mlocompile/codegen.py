@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import re
 import warnings
 from typing import Any
@@ -180,6 +181,33 @@ def direct_runner(gm: torch.fx.GraphModule, title: str) -> Any:
     return run
 
 
+def _split_foreach_norms(gm: torch.fx.GraphModule) -> None:
+    """Rewrite ``_foreach_norm(ts)[i]`` as ``linalg_vector_norm(ts[i])`` for inductor.
+
+    One foreach call is what the fx backend wants (one dispatch); inductor has no
+    lowering for it and runs it as a fallback kernel, while it fuses per-tensor norms
+    into its reductions. The values are the same: on CPU ``_foreach_norm`` computes
+    each tensor's ``linalg_vector_norm``.
+    """
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten._foreach_norm.Scalar:
+            continue
+        if node.kwargs or len(node.args) > 1 and node.args[1] != 2:
+            continue
+        if any(u.target is not operator.getitem for u in node.users):
+            continue
+        with gm.graph.inserting_before(node):
+            norms = [gm.graph.call_function(aten.linalg_vector_norm.default, (t,)) for t in node.args[0]]
+        for norm in norms:
+            norm.meta.update({k: v for k, v in node.meta.items() if k.startswith("mlo.")})
+        for user in list(node.users):
+            user.replace_all_uses_with(norms[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def _compile_with_inductor(traced: TracedStep, flat: Any) -> Any:
     """Compile a traced step with inductor; on failure warn, name the op, and return None.
 
@@ -193,6 +221,7 @@ def _compile_with_inductor(traced: TracedStep, flat: Any) -> Any:
     from torch import _inductor
 
     gm = copy.deepcopy(traced.gm)  # compile_fx may rewrite the module it is given; .ir shows traced.gm
+    _split_foreach_norms(gm)
     try:
         return _inductor.compile(gm, list(flat.tensors))
     except Exception as exc:  # inductor raises many types; all mean "could not compile"

@@ -38,3 +38,24 @@ def test_inductor_failure_falls_back_to_fx_with_a_warning(monkeypatch):
     reference = mwn_engine("darts", "fx")
     reference.train_step()
     assert torch.equal(_params(engine), _params(reference))
+
+
+def test_foreach_norms_are_split_for_inductor_with_the_same_values():
+    from mlocompile.codegen import _split_foreach_norms
+    from mlocompile.functional import tree_norm
+    from programs import step_graph
+
+    def f(a, b):
+        return tree_norm({"a": a, "b": b}) * 2
+
+    a, b = torch.randn(5, 3), torch.randn(7)
+    gm = step_graph(f, a, b)
+    def targets():
+        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+    assert "aten._foreach_norm.Scalar" in targets()
+    want = gm(a, b)
+    _split_foreach_norms(gm)
+    assert "aten._foreach_norm.Scalar" not in targets()
+    assert targets().count("aten.linalg_vector_norm.default") == 3  # one per tensor, one over the norms
+    assert torch.equal(gm(a, b), want)
