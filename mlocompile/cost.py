@@ -21,13 +21,13 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from mlocompile.analysis import aliased_input
+
 if TYPE_CHECKING:
     from mlocompile.compiled import CompiledProgram
 
 aten = torch.ops.aten
 
-# Ops that return a view of their input but whose schema carries no alias annotation.
-UNANNOTATED_VIEWS: frozenset[Any] = frozenset({aten._unsafe_view.default, aten.lift_fresh.default})
 
 # Symbols of the symbolic forms (all positive integers except the cost constant c).
 d, p, K, iters, B, a = sympy.symbols("d p K I B a", positive=True, integer=True)
@@ -222,27 +222,6 @@ def estimate_peak_memory(gm: GraphModule) -> tuple[int, str]:
         if live > peak:
             peak, at = live, i
     return peak, nodes[at].name if nodes else ""
-
-
-def aliased_input(node: Node) -> Node | None:
-    """Return the input node whose storage ``node``'s output shares (views, in-place ops), if any."""
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
-        return None
-    first = next((x for x in node.all_input_nodes), None)
-    if target in UNANNOTATED_VIEWS:
-        return first
-    infos = [r.alias_info for r in target._schema.returns if r.alias_info is not None]
-    if not infos:
-        return None
-    # NOTE: list returns (split, unbind: Tensor(a)[]) expose empty alias sets to Python
-    sets = {s for info in infos for s in info.before_set}
-    for i, arg in enumerate(target._schema.arguments):
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        if arg.alias_info is not None and isinstance(value, Node):
-            if not sets or sets & set(arg.alias_info.before_set):
-                return value
-    return first
 
 
 def _nbytes(val: Any) -> int:

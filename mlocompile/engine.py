@@ -28,6 +28,7 @@ from mlocompile.monitor import MetricsLogger, ProgressBar
 from mlocompile.optim import FunctionalOptimizer, StateDict, lower_optimizer
 from mlocompile.problem import Problem
 from mlocompile.program import ProgramGraph, build_program
+from mlocompile.rng import record_rng_states, rng_devices
 from mlocompile.step import StepVariant, needed_batches, needed_windows
 
 log = logging.getLogger("mlocompile")
@@ -293,6 +294,7 @@ class Engine:
             run.window["hypers"].append(self.optimizers[name].hyperparameters())
             run.window["batches"].append(batch)
             run.window["others"].append(self.fp.read_params())
+            run.window["rng"].append(record_rng_states(self._rng_devices(name)))  # replayed draws = live draws
         update = run.count % cfg.gradient_accumulation == 0
         self._execute(name, batch, update)
         if problem.scheduler is not None and not run.roll_back:
@@ -329,7 +331,7 @@ class Engine:
             snapshot = self._snapshot(name)
             run.cache = snapshot if run.roll_back else None
             if problem.config.type == "itd":
-                run.window = {**snapshot, "hypers": [], "batches": [], "others": []}
+                run.window = {**snapshot, "hypers": [], "batches": [], "others": [], "rng": []}
 
     def _snapshot(self, name: str) -> dict[str, Any]:
         # NOTE: steps are pure (new tensors each step), so params/state alias safely;
@@ -433,7 +435,12 @@ class Engine:
         k = self.program.problems[name].config.unroll_steps
         hyper = self.optimizers[name].hyperparameters()
         others = self.fp.read_params()
-        return {**snap, "hypers": [hyper] * k, "batches": [self._current_batch(name)] * k, "others": [others] * k}
+        rng = record_rng_states(self._rng_devices(name))
+        batches = [self._current_batch(name)] * k
+        return {**snap, "hypers": [hyper] * k, "batches": batches, "others": [others] * k, "rng": [rng] * k}
+
+    def _rng_devices(self, name: str) -> list[str]:
+        return rng_devices(list(self.fp.read_params()[name].values()))
 
     def _check_program(self) -> None:
         """Check, before the first step, that every declared dependency is used by a loss."""

@@ -19,11 +19,13 @@ from torch import Tensor
 from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, tree_norm, with_params
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer, StateDict
+from mlocompile.rng import set_rng_states
 
 
 @dataclass
 class Window:
-    """What ``itd`` replays: ``curr``'s state at the unroll start; per step: hyperparameters, batch, all parameters."""
+    """What ``itd`` replays: ``curr``'s state at the unroll start; per step: hyperparameters, batch,
+    all parameters, and the random-generator states the live step began with (``rng.record_rng_states``)."""
 
     params: Params
     buffers: Params
@@ -31,6 +33,7 @@ class Window:
     hypers: list[dict[str, Tensor]]
     batches: list[Any]
     others: list[ProgramParams]
+    rng: list[dict[str, Tensor]]
 
 
 @dataclass
@@ -149,8 +152,10 @@ def cg_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
 def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """Reverse mode through ``curr``'s replayed optimizer updates since its unroll start.
 
-    The replay uses each step's recorded parameters of every other problem, so it
-    reproduces the actual trajectory exactly; ``prev``'s recorded values enter as
+    The replay uses each step's recorded parameters of every other problem and
+    starts each step from the generator state its live step began with (the same
+    dropout masks), so it reproduces the actual trajectory exactly; the generators
+    are put back afterwards, as if the replay drew nothing. ``prev``'s recorded values enter as
     ``recorded + (λ − stop_grad(λ))``, which keeps the values and lets the
     derivative with respect to the current ``λ`` flow through every step.
 
@@ -165,14 +170,17 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     problem = env.fp.problems[curr]
     init_from = env.init_sources.get(curr)
     buffers = with_params(env.buffers, curr, window.buffers)
-    steps = list(zip(window.hypers, window.batches, window.others))
+    steps = list(zip(window.hypers, window.batches, window.others, window.rng))
 
     def replay(w: Params, state: StateDict, lam: Params | None, first: int, last: int) -> tuple[Params, StateDict]:
         # lam None: values only (the forward sweep), recorded parameters used as they are
         delta = None if lam is None else {k: t - t.detach() for k, t in lam.items()}
         if first == 0 and init_from == prev and delta is not None:
             w = {k: t + delta[k] for k, t in w.items()}
-        for hyper, batch, recorded in steps[first:last]:
+        outside: dict[str, Tensor] | None = None
+        for hyper, batch, recorded, rng in steps[first:last]:
+            before = set_rng_states(rng)
+            outside = before if outside is None else outside
             params = recorded
             if delta is not None:
                 params = with_params(recorded, prev, {k: t + delta[k] for k, t in recorded[prev].items()})
@@ -186,6 +194,8 @@ def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
             w, state = opt.update(w, grads, state, hyper)
             if problem.is_implemented("param_callback"):
                 w = problem.param_callback(w) or w  # type: ignore[attr-defined]
+        if outside is not None:
+            set_rng_states(outside)
         return w, state
 
     lam0 = env.params[prev]

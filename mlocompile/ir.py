@@ -108,11 +108,20 @@ def format_graph(gm: GraphModule, title: str) -> str:
     return "\n".join(lines)
 
 
-def verify(gm: GraphModule) -> None:
+def is_mutating(node: Node) -> bool:
+    """Whether ``node`` writes into one of its arguments (an aten op with a mutable schema)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+
+
+def verify(gm: GraphModule, functional: bool = True) -> None:
     """Check the invariants every pass must preserve; raise IRVerificationError otherwise.
 
     The FX graph must lint, every computing node must carry ``mlo.problem`` and
     ``mlo.role`` with a known role, and the graph must have exactly one output.
+    With ``functional`` (every graph before the passes that introduce mutation,
+    ``reinplace_pointwise`` and ``plan_static_buffers``) no node may write into
+    its arguments: no in-place op and no mutated input.
     """
     try:
         gm.graph.lint()
@@ -129,4 +138,10 @@ def verify(gm: GraphModule) -> None:
             raise IRVerificationError(
                 f"node {node.name} ({node.target}) lacks mlo.problem/mlo.role annotations (role={role!r}); "
                 "a pass that creates nodes must copy the meta of the node it replaces"
+            )
+        if functional and is_mutating(node):
+            raise IRVerificationError(
+                f"node {node.name} ({node.target}) writes into its input {_fmt_arg(node.args[0])} in a graph that "
+                "must be functional; trace through functionalization, and introduce mutation only in the "
+                "reinplace_pointwise / plan_static_buffers passes"
             )

@@ -7,12 +7,14 @@ backends trace it with make_fx.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlocompile.distributed import average_gradients
 from mlocompile.functional import FunctionalProgram, Params, tree_norm, with_params
@@ -78,10 +80,14 @@ def build_step(
     ends = program.path_ends.get(name, [])
     firsts = sorted({op.curr for op in plan if op.source is None})
     opt = optimizers[name]
+    # NOTE: CPU/GPU flash attention kernels have no double backward; neumann, cg and itd
+    # differentiate the lower's gradient, so attention runs as its math decomposition there
+    second_order = any(program.problems[op.curr].config.type != "darts" for op in plan)
 
     def step(inputs: dict[str, Any]) -> dict[str, Any]:
         # NOTE: the outer annotation tags glue ops (detaches, sums) nothing more specific claims
-        with annotate(problem=name, role="update"):
+        kernels = sdpa_kernel(SDPBackend.MATH) if second_order else contextlib.nullcontext()
+        with annotate(problem=name, role="update"), kernels:
             return body(inputs)
 
     def body(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -127,12 +127,17 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
         leaves, holder["spec"] = pytree.tree_flatten(out)
         return leaves
 
-    rng = torch.get_rng_state()  # tracing runs the step for real: it must not consume randomness
+    # tracing runs the step for real: it must not consume randomness (nor keep a replay's swapped state)
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         with fx_traceback.preserve_node_meta():
             # NOTE: make_fx maps tensors to placeholders by identity; flatten_inputs has
             # already made every graph input a distinct tensor, and detach() keeps them apart.
-            gm = make_fx(flat_fn, tracing_mode="real")(*[t.detach() for t in flat.tensors])
+            # functionalize: PyTorch's composite kernels write in place (LSTM cells add_,
+            # sigmoid_; maximum's backward masked_fill_); the passes see a pure IR instead.
+            pure = torch.func.functionalize(flat_fn, remove="mutations")
+            gm = make_fx(pure, tracing_mode="real")(*[t.detach() for t in flat.tensors])
     except MLOError:
         raise
     except RuntimeError as exc:
@@ -146,6 +151,8 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
         raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
     finally:
         torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     adopt_annotations(gm)
     slim_meta(gm)
     linecache.clearcache()  # filled by the fake tensors' captured stacks; nothing reads it later

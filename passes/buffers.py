@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.cost import aliased_input
+from mlocompile.analysis import aliased_input
 
 BufferPool = dict[tuple[Any, ...], list[torch.Tensor]]
 MIN_BYTES = 16 * 1024

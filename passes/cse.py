@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from mlocompile.analysis import find_mutated_storages, find_storage_base
+
 
 def _key(arg: Any) -> Any:
     if isinstance(arg, Node):
@@ -28,9 +30,15 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
     Shared path suffixes planned by ``order_vjps`` are already computed once; this
     catches what the plan cannot see (e.g. the same forward evaluated by two rules).
 
+    The pipeline's graphs are functional (traced through functionalization), but the
+    pass does not rely on it: a node is never merged when some op writes its storage
+    (the two copies would share one buffer written twice) or an input's (equal
+    arguments at two points need not hold equal values).
+
     Requires: a verified step graph.
     Ensures: no two pure call_function nodes have equal (target, args, kwargs), except
-    across ``mlo.segment`` tags (deliberate recomputation, see ``hypergrad.itd_vjp``).
+    across ``mlo.segment`` tags (deliberate recomputation, see ``hypergrad.itd_vjp``)
+    and nodes whose storage is written in place.
 
     Before/after::
 
@@ -39,9 +47,12 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
         %c = aten.add(%a, %b)
     """
     seen: dict[Any, Node] = {}
+    written = find_mutated_storages(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.is_impure():
             continue
+        if written and any(find_storage_base(x) in written for x in (node, *node.all_input_nodes)):
+            continue  # its value, or an input's, changes in place: equal arguments need not mean equal values
         try:
             # NOTE: a checkpointed itd replay recomputes its forward on purpose; merging it
             # with the forward sweep would keep every step's values alive again

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.cost import UNANNOTATED_VIEWS
+from mlocompile.analysis import UNANNOTATED_VIEWS
 
 aten = torch.ops.aten
 

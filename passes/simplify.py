@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.cost import aliased_input
+from mlocompile.analysis import find_mutated_storages, find_storage_base
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor, aten.add.Scalar}
@@ -76,29 +76,6 @@ def _same_tensor_meta(a: Node, b: Node) -> bool:
     )
 
 
-def _base(node: Node) -> Node:
-    """Walk back through views (and in-place ops) to the node that owns the storage."""
-    while node.op == "call_function" and (source := aliased_input(node)) is not None:
-        node = source
-    return node
-
-
-def _mutated_bases(gm: GraphModule) -> set[Node]:
-    """The storages some op of the graph writes (through any view of them)."""
-    bases = set()
-    for node in gm.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        for i, arg in enumerate(target._schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if isinstance(value, Node):
-                bases.add(_base(value))
-    return bases
-
-
 def simplify_no_ops(gm: GraphModule) -> GraphModule:
     """Replace each node that returns one of its inputs unchanged by that input.
 
@@ -122,7 +99,7 @@ def simplify_no_ops(gm: GraphModule) -> GraphModule:
         %d = aten.mul(%c, 1)
         %e = aten.add(%d, %d)
     """
-    written = _mutated_bases(gm)
+    written = find_mutated_storages(gm)
     outputs = {a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node in outputs:
@@ -130,7 +107,7 @@ def simplify_no_ops(gm: GraphModule) -> GraphModule:
         source = _candidate(node, written)
         if source is None or not _same_tensor_meta(node, source):
             continue
-        if _base(node) in written or _base(source) in written:
+        if find_storage_base(node) in written or find_storage_base(source) in written:
             continue
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
