@@ -13,6 +13,7 @@ import torch
 from mlocompile.functional import FunctionalProgram
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
+from mlocompile.rng import thread_rng_order
 from mlocompile.step import StepFn, StepVariant, build_step
 from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
 
@@ -216,14 +217,20 @@ def _compile_with_inductor(traced: TracedStep, flat: Any) -> Any:
     Dynamo would re-check those on every call (~40 µs of guards); the executor's
     cache key already does, so a changed signature traces and compiles anew.
     Inductor's FX-graph and AOT caches (on by default) make a second process reuse
-    the compiled kernels instead of compiling again.
+    the compiled kernels instead of compiling again. Random ops use torch's
+    generators (``fallback_random``): the same numbers as the other backends.
     """
     from torch import _inductor
 
     gm = copy.deepcopy(traced.gm)  # compile_fx may rewrite the module it is given; .ir shows traced.gm
     _split_foreach_norms(gm)
+    thread_rng_order(gm)  # itd replays: keep generator swaps and draws in graph order
     try:
-        return _inductor.compile(gm, list(flat.tensors))
+        # NOTE: fallback_random: random ops draw from torch's generators as eager and fx do
+        # (inductor's own RNG would give other dropout masks), so an itd replay, which sets
+        # the generator to each live step's state, reproduces the live steps' masks
+        with _inductor.config.patch(fallback_random=True):
+            return _inductor.compile(gm, list(flat.tensors))
     except Exception as exc:  # inductor raises many types; all mean "could not compile"
         msg = str(exc)
         ops = sorted(set(re.findall(r"aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", msg)))

@@ -106,8 +106,8 @@ def _features(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
     if kind == "image":
         return torch.randn(n, 1, 8, 8, generator=g)
     if kind == "tokens":
-        tokens = torch.randint(1, 10, (n, 5), generator=g)
-        tokens[: n // 2, -2:] = 0  # padded sequences
+        tokens = torch.randint(1, 10, (n, 3), generator=g)
+        tokens[: n // 2, -1:] = 0  # padded sequences
         return tokens
     if kind == "sequence":
         return torch.randn(n, 5, 4, generator=g)
