@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import corpus  # noqa: E402
 import test_models  # noqa: E402
+
+import corpus  # noqa: E402
 
 
 def error(model: str, method: str, backend: str) -> str:

@@ -129,9 +129,60 @@ def load_data(seed: int = 0, noise: float = NOISE, imbalance: float = IMBALANCE)
     }
 
 
-def make_classifier() -> nn.Module:
-    """Return the 64-HIDDEN-10 MLP classifier."""
+MODELS = ("mlp", "resnet")
+
+
+class Block(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm (running statistics tracked)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
+
+
+class ResNet(nn.Module):
+    """A small ResNet for the 8x8 digits (Betty's MWN example trains a ResNet-32 on CIFAR)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(Block(width, width), Block(width, 2 * width, stride=2))
+        self.fc = nn.Linear(2 * width, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.stem(x.reshape(-1, 1, 8, 8)))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def make_classifier(model: str = "mlp") -> nn.Module:
+    """Return the classifier: the 64-HIDDEN-10 MLP, or the small BatchNorm ResNet."""
+    if model == "resnet":
+        return ResNet()
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, N_CLASSES))
+
+
+def evaluating(model: nn.Module) -> Any:
+    """Run ``model`` in eval mode (BatchNorm: running statistics), then restore its mode."""
+
+    class Mode:
+        def __enter__(self) -> None:
+            self.was = model.training
+            model.eval()
+
+        def __exit__(self, *exc: Any) -> None:
+            model.train(self.was)
+
+    return Mode()
 
 
 class MetaWeightNet(nn.Module):
@@ -198,14 +249,14 @@ class Outer(mlo.ImplicitProblem):
 def accuracy(model: nn.Module, split: Split) -> float:
     """Return ``model``'s accuracy on ``split``."""
     x, y = split
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         return (model(x).argmax(1) == y).float().mean().item()
 
 
 def weight_stats(classifier: nn.Module, meta_net: nn.Module, data: dict[str, Any]) -> dict[str, float]:
     """Return the mean (unnormalized) meta-net weight of clean and of mislabelled train samples."""
     x, y = data["train"]
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(classifier):
         w = meta_net(F.cross_entropy(classifier(x), y, reduction="none").reshape(-1, 1)).squeeze(1)
     noisy = data["noisy"]
     return {"w_clean": w[~noisy].mean().item(), "w_noisy": w[noisy].mean().item()}
@@ -248,6 +299,7 @@ def build(
     imbalance: float = IMBALANCE,
     normalize: str = NORMALIZE,
     progress: bool = False,
+    model: str = "mlp",
 ) -> ReweightingEngine:
     """Build the Meta-Weight-Net engine (the caller runs it).
 
@@ -256,7 +308,7 @@ def build(
     """
     data = load_data(seed, noise, imbalance)
     torch.manual_seed(seed)
-    net, wnet = make_classifier(), MetaWeightNet()
+    net, wnet = make_classifier(model), MetaWeightNet()
     inner = Inner(
         name="inner",
         module=net,
@@ -286,18 +338,18 @@ def build(
 def evaluate(engine: ReweightingEngine) -> dict[str, float]:
     """Return the classifier's meta loss and test accuracy and the meta-net's weight summaries."""
     net, wnet, data = engine.inner.module, engine.outer.module, engine.data
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(net):
         meta_loss = F.cross_entropy(net(data["meta"][0]), data["meta"][1]).item()
     return {"meta_loss": meta_loss, "test_acc": accuracy(net, data["test"]), **weight_stats(net, wnet, data)}
 
 
-def fit_baseline(iters: int, seed: int, data: dict[str, Any]) -> nn.Module:
+def fit_baseline(iters: int, seed: int, data: dict[str, Any], model: str = "mlp") -> nn.Module:
     """Train the classifier on the unweighted mean CE in a plain PyTorch loop (no reweighting).
 
     Same initialization, batches and optimizer as ``build(..., seed)``'s classifier.
     """
     torch.manual_seed(seed)
-    net = make_classifier()
+    net = make_classifier(model)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     for x, y in train_batches(data, iters, seed):
         opt.zero_grad()
@@ -315,6 +367,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--normalize", default=NORMALIZE, choices=NORMALIZATIONS, help="how weights are scaled")
     parser.add_argument("--roll-back", action="store_true", help="redo each classifier step with the new meta-net")
     parser.add_argument("--backend", default="fx", choices=("eager", "fx", "inductor"))
+    parser.add_argument("--model", default="mlp", choices=MODELS, help="classifier: MLP or a BatchNorm ResNet")
     return parser.parse_args(argv)
 
 
@@ -348,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"digits: train {len(data['noisy'])} (class sizes {counts.max().item()}..{counts.min().item()}, "
             f"{data['noisy'].float().mean().item():.0%} labels flipped), meta {len(data['meta'][1])} clean, "
             f"test {len(data['test'][1])} clean; {args.iters} steps, method={args.method}, "
-            f"normalize={args.normalize}, roll_back={args.roll_back}, backend={args.backend}"
+            f"normalize={args.normalize}, roll_back={args.roll_back}, backend={args.backend}, model={args.model}"
         )
         rows = []
         for seed in args.seeds:
@@ -362,10 +415,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 noise=args.noise,
                 normalize=args.normalize,
                 progress=True,
+                model=args.model,
             )
             engine.run()
             stats = evaluate(engine)
-            baseline = fit_baseline(args.iters, seed, engine.data)
+            baseline = fit_baseline(args.iters, seed, engine.data, args.model)
             rows.append(
                 {
                     "seed": seed,

@@ -18,6 +18,34 @@ aten = torch.ops.aten
 UNANNOTATED_VIEWS: frozenset[Any] = frozenset({aten._unsafe_view.default, aten.lift_fresh.default})
 
 
+# Ops that write arguments their schema does not mark as written: (argument positions, the
+# ``training`` flag's position). Batch norm updates its running statistics in place in train mode.
+HIDDEN_WRITES: dict[Any, tuple[tuple[int, ...], int]] = {
+    aten.native_batch_norm.default: ((3, 4), 5),
+    aten.cudnn_batch_norm.default: ((3, 4), 5),
+    aten.miopen_batch_norm.default: ((3, 4), 5),
+}
+
+
+def find_written_args(node: Node) -> list[Node]:
+    """The argument nodes ``node`` writes into: schema write annotations plus ``HIDDEN_WRITES``."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return []
+    written = []
+    for i, arg in enumerate(target._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, Node):
+            written.append(value)
+    if target in HIDDEN_WRITES:
+        positions, training = HIDDEN_WRITES[target]
+        if len(node.args) > training and node.args[training]:
+            written += [a for i in positions if isinstance(a := node.args[i], Node)]
+    return written
+
+
 def aliased_input(node: Node) -> Node | None:
     """Return the input node whose storage ``node``'s output shares (views, in-place ops), if any."""
     target = node.target
@@ -48,15 +76,4 @@ def find_storage_base(node: Node) -> Node:
 
 def find_mutated_storages(gm: GraphModule) -> set[Node]:
     """The storage owners (``find_storage_base``) some op of the graph writes, through any view of them."""
-    bases = set()
-    for node in gm.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        for i, arg in enumerate(target._schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if isinstance(value, Node):
-                bases.add(find_storage_base(value))
-    return bases
+    return {find_storage_base(value) for node in gm.graph.nodes for value in find_written_args(node)}

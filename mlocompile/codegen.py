@@ -35,7 +35,7 @@ class StepExecutor:
     ) -> None:
         self.fp, self.program, self.optimizers, self.backend = fp, program, optimizers, backend
         self.init_sources: dict[str, str] = {}
-        self._fns: dict[tuple[StepVariant, tuple[tuple[str, str], ...]], StepFn] = {}
+        self._fns: dict[tuple[Any, ...], StepFn] = {}
         self._traced: dict[tuple[Any, ...], TracedStep] = {}
         self.latest: dict[str, TracedStep] = {}
         from passes import PassReport  # NOTE: lazily: passes imports mlocompile
@@ -46,9 +46,15 @@ class StepExecutor:
         self.donate = False  # set by the Engine: nothing but the engine holds old parameters
         self.buffers: dict[tuple[Any, ...], list[torch.Tensor]] = {}  # fx: static temporaries, shared by all steps
 
+    def config_key(self) -> tuple[Any, ...]:
+        """Every setting a step function reads while it is built or traced: each problem's
+        ``Config`` fields, the memory budget, the world size and whether updates may donate."""
+        configs = tuple((n, _hashable(vars(p.config))) for n, p in self.program.problems.items())
+        return (configs, self.memory_budget, self.world_size, self.donate)
+
     def step_fn(self, variant: StepVariant) -> StepFn:
         """Return the (cached) pure step function of ``variant``."""
-        key = (variant, tuple(sorted(self.init_sources.items())))
+        key = (variant, tuple(sorted(self.init_sources.items())), self.config_key())
         if key not in self._fns:
             self._fns[key] = build_step(
                 self.fp,
@@ -72,7 +78,15 @@ class StepExecutor:
         """Return the compiled step for these inputs, tracing and optimizing it if new."""
         flat = flatten_inputs(inputs) if flat is None else flat
         opt_sig = self.optimizers[variant.problem].signature()
-        key = (variant, tuple(sorted(self.init_sources.items())), opt_sig, flat.key())
+        # NOTE: like guards, the key holds everything the trace read: a change retraces
+        key = (
+            variant,
+            tuple(sorted(self.init_sources.items())),
+            opt_sig,
+            flat.key(),
+            self.config_key(),
+            self.fp.training_flags(),
+        )
         traced = self._traced.get(key)
         if traced is None:
             from passes import run_graph_pipeline
@@ -110,6 +124,8 @@ class StepExecutor:
         """
         if not (self.donate and variant.update) or self.init_sources:
             return frozenset()
+        if any(p.config.type == "itd" for p in self.program.problems.values()):
+            return frozenset()  # itd windows hold the parameters of every step of the unroll
         prefix = f"params.{variant.problem}."
         names = [n.meta["mlo.input"] for n in traced.gm.graph.nodes if n.op == "placeholder"]
         ptrs = [t.untyped_storage().data_ptr() for t in flat.tensors]
@@ -123,6 +139,18 @@ class StepExecutor:
     def param_sizes(self) -> dict[str, int]:
         """Flattened trainable-parameter count per problem."""
         return {n: sum(p.numel() for p in prob.trainable_parameters()) for n, prob in self.program.problems.items()}
+
+
+def _hashable(fields: dict[str, Any]) -> tuple[Any, ...]:
+    """A config's fields as a hashable key (unhashable values by their repr)."""
+    out = []
+    for k, v in fields.items():
+        try:
+            hash(v)
+        except TypeError:
+            v = repr(v)
+        out.append((k, v))
+    return tuple(out)
 
 
 def _common_device(tensors: list[torch.Tensor]) -> torch.device | None:

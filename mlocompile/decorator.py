@@ -54,17 +54,23 @@ def declared_levels(problems: Sequence[Problem]) -> dict[str, int]:
     return {p.name: int(p.__dict__["level"]) for p in problems if p.__dict__.get("level") is not None}
 
 
-def find_all_uses(problems: Sequence[Problem]) -> dict[str, set[str]]:
-    """Trace every problem's loss once and return, per problem, the other problems it uses."""
+def find_all_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[str]]:
+    """Evaluate every problem's loss once and return, per problem, the other problems it uses.
+
+    The loss is traced (forward only), or with ``eager`` (``compile="eager"``) run for real
+    while recording which tensors reach torch functions, so a loss with ``.item()`` or
+    Python control flow on values works there.
+    """
     from mlocompile.trace import find_loss_uses
 
     by_name = {p.name: p for p in problems}
     fp = FunctionalProgram(by_name)
     params, buffers = fp.read_params(), fp.read_buffers()
-    return {n: find_loss_uses(fp, n, params, buffers, p.peek_batch()) - {n} for n, p in by_name.items()}
+    find = fp.find_uses if eager else lambda *a: find_loss_uses(fp, *a)
+    return {n: find(n, params, buffers, p.peek_batch()) - {n} for n, p in by_name.items()}
 
 
-def infer_dependencies(problems: Sequence[Problem]) -> dict[str, dict[str, list[str]]]:
+def infer_dependencies(problems: Sequence[Problem], eager: bool = False) -> dict[str, dict[str, list[str]]]:
     """Infer u2l/l2u edges from traced use and declared levels.
 
     A higher-level problem used by a lower one's loss is a u2l edge; a lower one used
@@ -78,7 +84,7 @@ def infer_dependencies(problems: Sequence[Problem]) -> dict[str, dict[str, list[
             "@mlocompile.problem(level=...) (0 = lowest) so edges can be inferred"
         )
     deps: dict[str, dict[str, list[str]]] = {"u2l": {}, "l2u": {}}
-    for user, used in find_all_uses(problems).items():
+    for user, used in find_all_uses(problems, eager).items():
         for other in sorted(used):
             if levels[other] == levels[user]:
                 raise ProgramError(

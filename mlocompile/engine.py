@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from mlocompile import checkpoint, distributed
 from mlocompile.codegen import StepExecutor
@@ -77,7 +77,11 @@ class Engine:
         from passes import run_program_passes  # NOTE: lazily: passes imports mlocompile
 
         explicit = dependencies is not None
-        self.dependencies = dependencies if dependencies is not None else infer_dependencies(self.problems)
+        self.dependencies = (
+            dependencies
+            if dependencies is not None
+            else infer_dependencies(self.problems, eager=self.config.compile == "eager")
+        )
         self.program: ProgramGraph = run_program_passes(
             build_program(self.problems, self.dependencies, declared_levels(self.problems) or None)
         )
@@ -90,10 +94,8 @@ class Engine:
         self.optimizers = {n: self._lower(p) for n, p in self.program.problems.items()}
         self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
         self.executor.memory_budget = self.config.memory_budget
-        # itd windows and roll_back caches keep old parameters: then updates must not overwrite them
-        self.executor.donate = not self.config.roll_back and all(
-            p.config.type != "itd" for p in self.program.problems.values()
-        )
+        # roll_back caches keep old parameters: then updates must not overwrite them (itd: see _donated)
+        self.executor.donate = not self.config.roll_back
         self._run = {n: _Runtime(ready={c: False for c in self.program.children(n)}) for n in self.program.problems}
         for name, problem in self.program.problems.items():
             self._run[name].roll_back = self.config.roll_back and bool(self.program.parents(name))
@@ -117,6 +119,12 @@ class Engine:
             name = problem.name
             if problem.module is None and problem.is_implemented("configure_module"):
                 problem.module = problem.configure_module()  # type: ignore[attr-defined]
+            if problem.module is not None and any(isinstance(m, nn.SyncBatchNorm) for m in problem.module.modules()):
+                raise ProgramError(
+                    f"problem {name!r}: nn.SyncBatchNorm is not supported (its statistics all-reduce is not "
+                    "traced into the step); use nn.BatchNorm1d/2d/3d: under strategy='distributed' each rank "
+                    "then normalizes with its own shard's batch statistics"
+                )
             if problem.optimizer is None and problem.is_implemented("configure_optimizer"):
                 problem.optimizer = problem.configure_optimizer()  # type: ignore[attr-defined]
             if problem.scheduler is None and problem.is_implemented("configure_scheduler"):
@@ -375,9 +383,11 @@ class Engine:
 
     def _execute(self, name: str, batch: Any, update: bool) -> None:
         run, problem = self._run[name], self.program.problems[name]
+        self._sync_executor()
         out = self.executor.run(StepVariant(name, update), self.step_inputs(name, batch, run.acc))
         loss = float(out["loss"])
         if "found_inf" in out and self._update_scale(name, bool(out["found_inf"])):
+            self._write_buffers(out["buffers"])  # as with GradScaler: the forward happened, the update did not
             return  # fp16 overflow: the step was skipped inside the graph and the scale backed off
         if self.config.check_finite and not (math.isfinite(loss) and math.isfinite(float(out["grad_norm"]))):
             raise NonFiniteError(
@@ -385,6 +395,7 @@ class Engine:
                 f"loss={loss}, gradient norm={float(out['grad_norm'])}; lower the learning rate, clip gradients "
                 "(Config(gradient_clipping=...)) or check the data"
             )
+        self._write_buffers(out["buffers"])
         run.last_loss = loss
         if update:
             for key, param in self.fp.named_params()[name].items():
@@ -401,6 +412,19 @@ class Engine:
             record.update({k: float(v) for k, v in out["logs"].items()})
             self._record(record)
             log.info("[%s] step %d local %d %s", name, self.global_step, run.count, record)
+
+    def _sync_executor(self) -> None:
+        # NOTE: EngineConfig may be edited between steps; the executor's cache key covers these
+        self.executor.backend = self.config.compile
+        self.executor.memory_budget = self.config.memory_budget
+
+    def _write_buffers(self, new: dict[str, dict[str, Tensor]]) -> None:
+        """Copy a step's buffers (running statistics after its forward) into the user's modules, in place."""
+        live = self.fp.read_buffers()
+        with torch.no_grad():
+            for prob, tensors in new.items():
+                for key, value in tensors.items():
+                    live[prob][key].copy_(value)
 
     def _update_scale(self, name: str, found_inf: bool) -> bool:
         """GradScaler's rule: halve on overflow, grow by scale_factor after a run of good steps."""
@@ -450,7 +474,7 @@ class Engine:
         for name, problem in self.program.problems.items():
             if problem.is_implemented("on_inner_loop_start") and self._run[name].loop_start:
                 self._start_loop(name)
-        uses = find_all_uses(self.problems)
+        uses = find_all_uses(self.problems, eager=self.config.compile == "eager")
         if self._warn_undeclared:
             declared = {(u, v) for kind in ("u2l", "l2u") for u, v in self.program.edges(kind)}
             warn_undeclared_uses(uses, declared)
@@ -500,6 +524,7 @@ class Engine:
         """
         self._check_program()
         batch = self._current_batch(name) if batch is None else batch
+        self._sync_executor()
         out = self.executor.run(StepVariant(name, update=False), self.step_inputs(name, batch))
         return dict(out["acc"])
 

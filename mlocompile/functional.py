@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mlocompile.errors import TraceError
+from mlocompile.errors import ProgramError, TraceError
 from mlocompile.ir import annotate
 from mlocompile.problem import Problem
 
@@ -27,6 +27,81 @@ class _ProgramModule(nn.Module):
         return self.problems[name].training_step(batch)
 
 
+# Bumped whenever any module registers (or replaces) a parameter, buffer or submodule: the
+# cached views of the problems' modules below are rebuilt only then (walking modules is slow).
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module: nn.Module, name: str, value: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+class _LikePlainPyTorch(torch.overrides.TorchFunctionMode):
+    """Run a loss under ``torch.func`` exactly as the same forward runs in plain PyTorch.
+
+    Batch norm: see ``_batch_norm``. Dropout: under ``torch.func`` transforms
+    ``F.dropout`` on CPU draws its mask another way than plain PyTorch does (the
+    same seed gives other masks, e.g. after a batch-first attention block), so it
+    runs here as ATen's CPU dropout is written (``empty_like(x).bernoulli_(1 − p)``,
+    divided by ``1 − p``, times ``x``): the same draws, the same bits.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.batch_norm:
+            return _batch_norm(func, args, kwargs)
+        if func is torch.nn.functional.dropout:
+            return _dropout(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _dropout(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    bound = {**dict(zip(("input", "p", "training", "inplace"), args)), **kwargs}
+    x, p = bound["input"], bound.get("p", 0.5)
+    if not bound.get("training", True) or x.device.type != "cpu" or not 0 < p < 1 or x.numel() == 0:
+        return func(*args, **kwargs)
+    # NOTE: the mask is drawn into a contiguous tensor laid out as empty_like(x) would be, then
+    # permuted to x's order: bernoulli_ fills memory in order, and functionalization turns it into
+    # an out-of-place bernoulli that fills a contiguous result, which would reorder the draws
+    strides = torch.empty_like(x).stride()
+    order = sorted(range(x.dim()), key=lambda d: (-strides[d], d))
+    noise = torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    noise = noise.permute([order.index(d) for d in range(x.dim())]).div(1 - p)
+    return x.mul_(noise) if bound.get("inplace", False) else x * noise
+
+
+def _batch_norm(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run train-mode batch norm with its running-statistics update as visible tensor ops.
+
+    ``aten.native_batch_norm`` updates ``running_mean``/``running_var`` in place although
+    its schema does not say so: functionalization cannot see the write, and a pass that
+    merges two copies of a buffer would have one buffer written twice. Here the op
+    normalizes with batch statistics only (no running tensors passed: the same kernel,
+    the same output bits) and the update is written as PyTorch defines it,
+    ``r = (1 − m)·r + m·stat`` with the unbiased batch variance, through ``copy_``, which
+    functionalization turns into a new value.
+    """
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    mean, var = bound.get("running_mean"), bound.get("running_var")
+    if not bound.get("training", False) or mean is None or var is None:
+        return func(*args, **kwargs)
+    x, momentum = bound["input"], bound.get("momentum", 0.1)
+    out = func(x, None, None, bound.get("weight"), bound.get("bias"), True, momentum, bound.get("eps", 1e-5))
+    dims = [d for d in range(x.dim()) if d != 1]
+    with torch.no_grad():
+        batch_mean = x.detach().mean(dims)
+        batch_var = x.detach().var(dims, correction=1)
+        mean.copy_(mean * (1 - momentum) + batch_mean * momentum)
+        var.copy_(var * (1 - momentum) + batch_var * momentum)
+    return out
+
+
 class FunctionalProgram:
     """Evaluates any problem's loss as a pure function of all problems' tensors."""
 
@@ -35,39 +110,108 @@ class FunctionalProgram:
         self.root = _ProgramModule(problems)
         self._params: dict[str, dict[str, nn.Parameter]] | None = None
         self._buffers: ProgramParams | None = None
+        self._modules: list[nn.Module] = []
+        self._seen = -1
+
+    def _sync(self) -> None:
+        """Rebuild the cached parameter, buffer and module views if any module changed its registrations.
+
+        A trainable parameter replaced by a new ``nn.Parameter`` cannot be honoured: the
+        user's optimizer (and every traced step) holds the old object.
+        """
+        if self._seen == _REGISTRATIONS[0]:
+            return
+        params = {n: prob.named_trainable_parameters() for n, prob in self.problems.items()}
+        if self._params is not None:
+            for prob, named in params.items():
+                old = self._params[prob]
+                changed = sorted(k for k in {*named, *old} if named.get(k) is not old.get(k))
+                if changed:
+                    raise ProgramError(
+                        f"problem {prob!r}: trainable parameter(s) {changed} were replaced, added or removed "
+                        "after the Engine was built; its optimizer holds the old ones. Change values in place "
+                        "(with torch.no_grad(): p.copy_(new)), or build a new optimizer and Engine"
+                    )
+        self._params = params
+        self._buffers = None
+        self._modules = list(self.root.mods.modules())
+        self._seen = _REGISTRATIONS[0]
 
     def named_params(self) -> dict[str, dict[str, nn.Parameter]]:
-        """Every problem's trainable parameters by name (looked up once: walking modules is slow)."""
-        if self._params is None:
-            self._params = {n: prob.named_trainable_parameters() for n, prob in self.problems.items()}
+        """Every problem's trainable parameters by name (looked up again only after a registration)."""
+        self._sync()
+        assert self._params is not None
         return self._params
+
+    def training_flags(self) -> tuple[bool, ...]:
+        """``module.training`` of every submodule of every problem: a traced step is valid for one setting."""
+        self._sync()
+        return tuple([m.training for m in self._modules])
 
     def read_params(self) -> ProgramParams:
         """Return every problem's trainable parameters (detached aliases, no copies)."""
         return {n: {k: p.detach() for k, p in named.items()} for n, named in self.named_params().items()}
 
     def read_buffers(self) -> ProgramParams:
-        """Return every problem's buffers (aliases, no copies; updated in place by modules)."""
+        """Return every problem's buffers (aliases, no copies; updated in place by the Engine)."""
+        self._sync()
         if self._buffers is None:
             self._buffers = {
                 n: {} if prob.module is None else dict(prob.module.named_buffers()) for n, prob in self.problems.items()
             }
         return {n: dict(b) for n, b in self._buffers.items()}
 
+    def find_uses(self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any) -> set[str]:
+        """Run problem ``name``'s loss eagerly (no grad, randomness restored); return the problems
+        whose parameters reached a torch function. Checks the loss is a scalar, as tracing does."""
+        owner = {id(t): prob for prob, tensors in params.items() for t in tensors.values()}
+        seen: set[str] = set()
+
+        class Record(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                for t in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                    if id(t) in owner:
+                        seen.add(owner[id(t)])
+                return func(*args, **(kwargs or {}))
+
+        rng = torch.get_rng_state()
+        try:
+            with torch.no_grad(), Record():
+                self.loss(name, params, buffers, batch)
+        finally:
+            torch.set_rng_state(rng)
+        return seen
+
     def loss(
         self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return problem ``name``'s scalar loss and its extra logged tensors."""
+        """Return problem ``name``'s scalar loss and its extra logged tensors (buffers read, not advanced)."""
+        loss, logs, _ = self.loss_and_buffers(name, params, buffers, batch)
+        return loss, logs
+
+    def loss_and_buffers(
+        self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any
+    ) -> tuple[Tensor, dict[str, Tensor], ProgramParams]:
+        """Return problem ``name``'s loss, its logged tensors and every buffer after the forward.
+
+        The forward runs on copies of the buffers, so what it updates in place
+        (BatchNorm's running statistics in train mode, a user's counters) becomes a
+        new value, returned, and the inputs are left as they were: the step stays a
+        pure function, and the caller decides whether the update happened.
+        """
         flat: dict[str, Tensor] = {}
         for prob, tensors in params.items():
             for key, t in tensors.items():
                 flat[f"mods.{prob}.{key}"] = t
-        for prob, tensors in buffers.items():
-            for key, t in tensors.items():
-                flat[f"mods.{prob}.{key}"] = t
         with annotate(problem=name, role="forward"):
-            out = torch.func.functional_call(self.root, flat, (name, batch), strict=False)
-        return split_loss(name, out)
+            after = {prob: {key: t.clone() for key, t in tensors.items()} for prob, tensors in buffers.items()}
+            for prob, tensors in after.items():
+                for key, t in tensors.items():
+                    flat[f"mods.{prob}.{key}"] = t
+            with _LikePlainPyTorch():
+                out = torch.func.functional_call(self.root, flat, (name, batch), strict=False)
+        loss, logs = split_loss(name, out)
+        return loss, logs, after
 
 
 def split_loss(name: str, out: Any) -> tuple[Tensor, dict[str, Tensor]]:

@@ -10,6 +10,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule, Node
 
+from mlocompile.analysis import find_written_args
 from mlocompile.errors import IRVerificationError
 
 # Every node.meta key mlocompile uses: who writes it, who reads it.
@@ -109,9 +110,11 @@ def format_graph(gm: GraphModule, title: str) -> str:
 
 
 def is_mutating(node: Node) -> bool:
-    """Whether ``node`` writes into one of its arguments (an aten op with a mutable schema)."""
+    """Whether ``node`` writes into one of its arguments (a mutable schema, or a known hidden write)."""
     target = node.target
-    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target._schema.is_mutable or bool(find_written_args(node))
 
 
 def verify(gm: GraphModule, functional: bool = True) -> None:

@@ -71,7 +71,8 @@ def build_step(
     ``hyper`` (optimizer state and hyperparameters), ``acc`` (accumulated gradient,
     possibly empty) and ``windows`` (itd replays); ``memory_budget`` (EngineConfig's)
     cuts itd replays into segments. Outputs: ``params``, ``opt``,
-    ``acc``, ``loss``, ``grad_norm`` and ``logs``.
+    ``acc``, ``loss``, ``grad_norm``, ``logs`` and ``buffers`` (every problem's buffers after
+    this step's forward: BatchNorm running statistics advanced once per step).
     """
     name = variant.problem
     problem = program.problems[name]
@@ -94,17 +95,19 @@ def build_step(
         params, buffers = inputs["params"], inputs["buffers"]
         scale = inputs.get("scale")  # fp16 only: dynamic loss scale, as GradScaler keeps it
 
-        def objective(wrt: dict[str, Params]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        def objective(wrt: dict[str, Params]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Any]]:
             merged = params
             for key, value in wrt.items():
                 merged = with_params(merged, key, value)
-            loss, logs = fp.loss(name, merged, buffers, inputs["batch"])
+            loss, logs, state = fp.loss_and_buffers(name, merged, buffers, inputs["batch"])
             scaled = loss / cfg.gradient_accumulation
-            return (scaled if scale is None else scaled * scale), (loss, logs)
+            return (scaled if scale is None else scaled * scale), (loss, logs, state)
 
         wrt = {key: params[key] for key in [name, *firsts]}
         with annotate(problem=name, role="grad"):
-            grads, (loss, logs) = torch.func.grad(objective, has_aux=True)(wrt)
+            # NOTE: this forward is the training step's; it alone advances buffers (BatchNorm running
+            # statistics). Re-evaluations inside hypergradients read them and drop their updates.
+            grads, (loss, logs, new_buffers) = torch.func.grad(objective, has_aux=True)(wrt)
             if scale is not None:  # unscale at once: hypergradients and updates see true values
                 grads = {p: {k: g / scale for k, g in gs.items()} for p, gs in grads.items()}
         total = dict(grads[name])
@@ -122,7 +125,12 @@ def build_step(
                 total = average_gradients(total, world_size)
         with annotate(problem=name, role="update"):
             grad_norm = tree_norm(total)
-        out: dict[str, Any] = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "logs": logs}
+        out: dict[str, Any] = {
+            "loss": loss.detach(),
+            "grad_norm": grad_norm.detach(),
+            "logs": logs,
+            "buffers": {p: bs for p, bs in new_buffers.items() if bs},
+        }
         found_inf = ~torch.isfinite(grad_norm) if scale is not None else None
         if found_inf is not None:
             out["found_inf"] = found_inf

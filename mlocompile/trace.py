@@ -142,12 +142,8 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
         raise
     except RuntimeError as exc:
         msg = str(exc)
-        if "_local_scalar_dense" in msg or "data-dependent" in msg:
-            raise TraceError(
-                f"{title}: a training_step reads a tensor's value in Python (.item(), float(t), bool(t) or an "
-                "if on a tensor), which cannot be traced; return tensors in the loss dict instead, or run with "
-                "EngineConfig(compile='eager')"
-            ) from exc
+        if _reads_a_value(msg):
+            raise TraceError(f"{title}: {_value_read_advice(exc)}") from exc
         raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
     finally:
         torch.set_rng_state(rng)
@@ -186,8 +182,28 @@ def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str
     except MLOError:
         raise
     except RuntimeError as exc:
+        if _reads_a_value(str(exc)):
+            raise TraceError(f"the training_step of problem {name!r}: {_value_read_advice(exc)}") from exc
         raise TraceError(f"tracing the training_step of problem {name!r} failed: {str(exc).splitlines()[0]}") from exc
     finally:
         torch.set_rng_state(rng)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {p for (p, _), node in zip(names, placeholders) if node.users}
+
+
+def _reads_a_value(msg: str) -> bool:
+    return "_local_scalar_dense" in msg or "data-dependent" in msg
+
+
+def _value_read_advice(exc: BaseException) -> str:
+    """Say which line of the user's code read a tensor's value, and what to do instead."""
+    import traceback
+
+    here = ("/torch/", "/mlocompile/", "/passes/", "/optree/", "<")
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not any(h in f.filename for h in here)]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    return (
+        f"it reads a tensor's value in Python{where} (.item(), float(t), bool(t) or an if on a tensor), "
+        "which cannot be traced; return tensors in the loss dict instead, or run with "
+        "EngineConfig(compile='eager')"
+    )

@@ -21,6 +21,7 @@ import mlocompile as mlo
 
 N_SAMPLES = 16  # training samples, so λ has 16 entries
 BATCH = 8
+GROUP_LR, GROUP_WD = (0.2, 0.05), (1e-2, 0.0)  # "groups": the first layer, the rest
 
 
 class Vec(nn.Module):
@@ -48,6 +49,39 @@ class ConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(self.act(self.bn(self.conv(x))))
         return self.head(F.max_pool2d(h, 2).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al.; the block of Betty's Meta-Weight-Net ResNet-32): BatchNorm
+    with running statistics tracked, in-place ReLU, a projection shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A two-block ResNet for 8x8 single-channel images (ResNet-20/32 at toy width and depth)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 8, stride=2))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
 class LSTMClassifier(nn.Module):
@@ -121,7 +155,7 @@ class Model:
     name: str
     build: Callable[[], nn.Module]
     inputs: str = "vector"  # vector | image | tokens | sequence
-    optimizer: str = "sgd"  # sgd (momentum) | amsgrad
+    optimizer: str = "sgd"  # sgd (momentum) | amsgrad | groups (SGD, two groups: other lr and weight decay)
     random: bool = False  # draws random numbers in train mode (dropout)
 
 
@@ -135,11 +169,13 @@ MODELS = {
         Model("tied", TiedLM, "tokens"),
         Model("frozen", frozen_mlp),
         Model("amsgrad", mlp, optimizer="amsgrad"),
+        Model("resnet", ResNet, "image"),
+        Model("param_groups", mlp, optimizer="groups"),
     ]
 }
 METHODS = ("darts", "neumann", "cg", "itd")
-# (model, method) pairs of the corpus: amsgrad matters only where the optimizer is differentiated
-CASES = [(m, k) for m in MODELS for k in METHODS if m != "amsgrad" or k == "itd"]
+# (model, method) pairs of the corpus: optimizer variants matter only where the optimizer is differentiated
+CASES = [(m, k) for m in MODELS for k in METHODS if m not in ("amsgrad", "param_groups") or k == "itd"]
 
 
 class Lower(mlo.ImplicitProblem):
@@ -184,6 +220,14 @@ def build(model_name: str, method: str, backend: str = "fx", seed: int = 0, unro
     lam = Vec(torch.linspace(-1.0, 1.0, N_SAMPLES))
     if model.optimizer == "amsgrad":
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.05, amsgrad=True)
+    elif model.optimizer == "groups":
+        first, rest = list(net[0].parameters()), list(net[2].parameters())
+        opt = torch.optim.SGD(
+            [{"params": first, "lr": GROUP_LR[0], "weight_decay": GROUP_WD[0]}, {"params": rest}],
+            lr=GROUP_LR[1],
+            momentum=0.9,
+            weight_decay=GROUP_WD[1],
+        )
     else:
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     train, valid = data(model, seed)

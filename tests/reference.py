@@ -80,8 +80,13 @@ def implicit(net, w: dict, lam, lower_batch, upper_batch, method: str, cfg) -> t
     return -_grad(gw, lam, grad_outputs=x, retain_graph=True)[0]
 
 
-def unroll(net, w0: dict, opt_state, lam, batches, rng_states, optimizer: str, lr: float):
-    """Differentiable replay of the lower's optimizer steps (SGD momentum 0.9, or Adam amsgrad)."""
+def unroll(net, w0: dict, opt_state, lam, batches, rng_states, optimizer: str, lr, wd=None):
+    """Differentiable replay of the lower's optimizer steps (SGD momentum 0.9, or Adam amsgrad).
+
+    ``lr`` and ``wd`` (weight decay) are numbers or dicts by parameter name (parameter groups).
+    """
+    lr_of = lr if isinstance(lr, dict) else dict.fromkeys(w0, lr)
+    wd_of = wd if isinstance(wd, dict) else dict.fromkeys(w0, wd or 0.0)
     w = {k: t.detach().requires_grad_() for k, t in w0.items()}
     state = {k: list(s) for k, s in opt_state.items()}
     for batch, rng in zip(batches, rng_states):
@@ -90,9 +95,10 @@ def unroll(net, w0: dict, opt_state, lam, batches, rng_states, optimizer: str, l
         for k in w:
             if optimizer == "sgd":
                 (buf,) = state[k]
-                buf = g[k] if buf is None else 0.9 * buf + g[k]
+                d = g[k] + wd_of[k] * w[k] if wd_of[k] else g[k]
+                buf = d if buf is None else 0.9 * buf + d
                 state[k] = [buf]
-                w[k] = w[k] - lr * buf
+                w[k] = w[k] - lr_of[k] * buf
             else:  # Adam(amsgrad=True), torch.optim's defaults otherwise
                 m, s, vmax, n = state[k]
                 n = n + 1
@@ -100,19 +106,19 @@ def unroll(net, w0: dict, opt_state, lam, batches, rng_states, optimizer: str, l
                 s = 0.999 * s + 0.001 * g[k] * g[k]
                 vmax = torch.maximum(vmax, s)
                 denom = (vmax.sqrt() / (1 - 0.999**n) ** 0.5) + 1e-8
-                w[k] = w[k] - (lr / (1 - 0.9**n)) * m / denom
+                w[k] = w[k] - (lr_of[k] / (1 - 0.9**n)) * m / denom
                 state[k] = [m, s, vmax, n]
     return w
 
 
 @second_order
-def itd(net, w0: dict, opt_state, lam, batches, rng_states, upper_batch, upper_rng, optimizer: str, lr: float):
+def itd(net, w0: dict, opt_state, lam, batches, rng_states, upper_batch, upper_rng, optimizer: str, lr, wd=None):
     """itd hypergradient: the upper loss after the replayed unroll, differentiated through it.
 
     Returns ``(hypergradient, replayed final parameters)``.
     """
     lam = lam.detach().requires_grad_()
-    w = unroll(net, w0, opt_state, lam, batches, rng_states, optimizer, lr)
+    w = unroll(net, w0, opt_state, lam, batches, rng_states, optimizer, lr, wd)
     # the library differentiates the upper loss at the current (= replayed) weights: v first, then the chain
     ws = {k: t.detach().requires_grad_() for k, t in w.items()}
     torch.set_rng_state(upper_rng)

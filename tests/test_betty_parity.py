@@ -392,3 +392,28 @@ def test_three_levels_neumann_beyond_betty(backend: str) -> None:
         for key, value in ours[name].items():
             assert torch.isfinite(value).all(), f"{name}.{key} is not finite"
             assert not torch.equal(value, init[key].detach()), f"{name}.{key} never changed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["darts", "neumann", "cg"])
+def test_meta_weight_net_with_batchnorm(case: str, backend: str) -> None:
+    # default BatchNorm1d (running statistics tracked): train mode normalizes with batch
+    # statistics, so parameters match although Betty advances the running statistics on
+    # every re-evaluation of the lower loss and mlocompile once per training step
+    program = mwn_program(MWN_CASES[case])
+    torch.manual_seed(0)
+    program.specs["inner"].module = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    assert_parity(program, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["darts", "neumann", "cg"])
+def test_meta_weight_net_with_a_resnet(case: str, backend: str) -> None:
+    # Betty's Meta-Weight-Net example trains a ResNet-32; here two basic blocks (BatchNorm with
+    # running statistics, in-place ReLU, a projection shortcut) on the inputs seen as 8x8 images
+    from corpus import ResNet
+
+    program = mwn_program(MWN_CASES[case])
+    torch.manual_seed(0)
+    program.specs["inner"].module = nn.Sequential(nn.Linear(10, 64), nn.Unflatten(1, (1, 8, 8)), ResNet())
+    assert_parity(program, backend)

@@ -35,7 +35,7 @@ def itd_case(model: str, backend: str):
     engine, net, lam = corpus.build(model, "itd", backend, unroll=UNROLL)
     spec = corpus.MODELS[model]
     w0 = {k: p.detach().clone() for k, p in net.named_parameters() if p.requires_grad}
-    if spec.optimizer == "sgd":
+    if spec.optimizer in ("sgd", "groups"):
         state = {k: [None] for k in w0}
     else:
         state = {k: [torch.zeros_like(t), torch.zeros_like(t), torch.zeros_like(t), 0] for k, t in w0.items()}
@@ -48,10 +48,11 @@ def itd_case(model: str, backend: str):
     upper_rng = torch.get_rng_state()
     got = engine.gradients("upper")["p"]
     train, valid = corpus.data(spec)
-    lr = 0.1 if spec.optimizer == "sgd" else 0.05
-    want, w_replayed = reference.itd(
-        net, w0, state, lam.p, train[:LIVE_STEPS], rngs, valid[0], upper_rng, spec.optimizer, lr
-    )
+    kind, lr, wd = {"sgd": ("sgd", 0.1, 0.0), "amsgrad": ("amsgrad", 0.05, 0.0), "groups": ("sgd", 0, 0)}[spec.optimizer]
+    if spec.optimizer == "groups":  # the first layer in group 0, the rest in group 1
+        lr = {k: corpus.GROUP_LR[0 if k.startswith("0.") else 1] for k in w0}
+        wd = {k: corpus.GROUP_WD[0 if k.startswith("0.") else 1] for k in w0}
+    want, w_replayed = reference.itd(net, w0, state, lam.p, train[:LIVE_STEPS], rngs, valid[0], upper_rng, kind, lr, wd)
     live = {k: p.detach() for k, p in net.named_parameters() if p.requires_grad}
     return got, want, live, w_replayed
 
