@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mlocompile.cost import estimate_peak_memory  # noqa: E402
+from mlocompile.analysis import estimate_peak_memory  # noqa: E402
 from mlocompile.step import StepVariant  # noqa: E402
 from mlocompile.trace import flatten_inputs  # noqa: E402
 from passes.checkpoint import insert_checkpoints, measure_peak_memory  # noqa: E402

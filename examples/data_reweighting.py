@@ -36,6 +36,11 @@ Roll-back changed nothing (0.775 ± 0.006) at 1.2x the time. Other methods: ``ne
 also differentiates through the ``.detach()`` on the meta-net's input (the other
 methods respect it; Betty's darts does the same).
 
+``--model resnet`` swaps the MLP for a small ResNet (two basic blocks, BatchNorm with
+running statistics tracked; evaluation in eval mode). With 300 steps it does not gain
+(seeds 0-2: MWN 0.598 ± 0.061 against 0.615 ± 0.022): the ResNet memorizes the noisy
+labels within ~100 steps, before the meta-net separates clean from mislabelled samples.
+
 Run it from the repository root::
 
     .venv/bin/python examples/data_reweighting.py

@@ -1,4 +1,4 @@
-"""Graph analyses the passes share (torch.fx only): which storage a node's value lives in, what is written.
+"""Graph analyses the passes and the cost model share (torch.fx only): aliasing, writes, liveness.
 
 Analyses never mutate the graph (``find_*``). They read op schemas: a return with an
 alias annotation shares storage with the argument of the same alias set (views,
@@ -7,6 +7,7 @@ in-place ops); a write annotation marks an argument the op overwrites.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -77,3 +78,63 @@ def find_storage_base(node: Node) -> Node:
 def find_mutated_storages(gm: GraphModule) -> set[Node]:
     """The storage owners (``find_storage_base``) some op of the graph writes, through any view of them."""
     return {find_storage_base(value) for node in gm.graph.nodes for value in find_written_args(node)}
+
+
+def estimate_peak_memory(gm: GraphModule) -> tuple[int, str]:
+    """Return the peak bytes of live tensors over ``gm``'s execution and the node where it occurs.
+
+    Inputs (and constants) are held by the caller for the whole step; a computed
+    tensor lives from its producing node to its last user (the graph's outputs to
+    the end). Views and in-place ops allocate nothing: they alias their input.
+    """
+    nodes = list(gm.graph.nodes)
+    end = len(nodes) - 1
+    size: list[int] = []
+    span: list[list[int]] = []  # [born, last use] per buffer
+    held: dict[Node, list[int]] = {}  # the buffers a node's value lives in
+    items: dict[Node, list[int]] = {}  # per tuple element, for getitem
+
+    def alloc(val: Any, born: int, last: int) -> int:
+        size.append(nbytes(val))
+        span.append([born, last])
+        return len(size) - 1
+
+    for i, node in enumerate(nodes):
+        val = node.meta.get("val")
+        if node.op in ("placeholder", "get_attr"):
+            held[node] = [alloc(val, 0, end)]
+        elif node.op == "call_function" and node.target is operator.getitem:
+            parent, index = node.args
+            assert isinstance(parent, Node)
+            held[node] = [items[parent][index]] if parent in items else held[parent]  # type: ignore[index]
+        elif node.op == "call_function":
+            source = aliased_input(node)
+            if source is not None:
+                held[node] = held.get(source, [])
+            elif isinstance(val, (tuple, list)):
+                items[node] = [alloc(v, i, i) for v in val]
+                held[node] = items[node]
+            else:
+                held[node] = [alloc(val, i, i)]
+        for user_of in node.all_input_nodes:
+            for buf in held.get(user_of, []):
+                span[buf][1] = max(span[buf][1], end if node.op == "output" else i)
+    delta = [0] * (len(nodes) + 1)
+    for n_bytes, (born, last) in zip(size, span):
+        delta[born] += n_bytes
+        delta[last + 1] -= n_bytes
+    live, peak, at = 0, 0, 0
+    for i in range(len(nodes)):
+        live += delta[i]
+        if live > peak:
+            peak, at = live, i
+    return peak, nodes[at].name if nodes else ""
+
+
+def nbytes(val: Any) -> int:
+    """Bytes of a tensor, or of the tensors in a tuple or list (0 for anything else)."""
+    if isinstance(val, torch.Tensor):
+        return int(val.numel()) * val.element_size()
+    if isinstance(val, (tuple, list)):
+        return sum(nbytes(v) for v in val)
+    return 0

@@ -18,6 +18,9 @@ from mlocompile.step import StepFn, StepVariant, build_step
 from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
 
 
+RETRACE_WARNING = 8  # distinct input shapes of one step before the executor warns
+
+
 class StepExecutor:
     """Builds, caches and runs every problem's step with one backend.
 
@@ -45,6 +48,7 @@ class StepExecutor:
         self.world_size = 1
         self.donate = False  # set by the Engine: nothing but the engine holds old parameters
         self.buffers: dict[tuple[Any, ...], list[torch.Tensor]] = {}  # fx: static temporaries, shared by all steps
+        self._shapes: dict[str, set[tuple[Any, ...]]] = {}  # input shapes traced, per step graph
 
     def config_key(self) -> tuple[Any, ...]:
         """Every setting a step function reads while it is built or traced: each problem's
@@ -111,8 +115,21 @@ class StepExecutor:
                 traced.runner = _compile_with_inductor(traced, flat)
             traced.runner = traced.runner or direct_runner(traced.gm, variant.title)
             self._traced[key] = traced
+            self._warn_if_retracing(variant, flat)
         self.latest[variant.title] = traced
         return traced
+
+    def _warn_if_retracing(self, variant: StepVariant, flat: FlatInputs) -> None:
+        """Warn once per step when it has been traced for more than ``RETRACE_WARNING`` input signatures."""
+        shapes = self._shapes.setdefault(variant.title, set())
+        shapes.add(tuple(tuple(t.shape) for t in flat.tensors))
+        if len(shapes) == RETRACE_WARNING + 1:
+            warnings.warn(
+                f"{variant.title} has been traced for {len(shapes)} different input shapes; every new shape "
+                "traces (and compiles) the step again. Give batches one shape (DataLoader(drop_last=True), "
+                "padded sequences) or run with EngineConfig(compile='eager')",
+                stacklevel=4,
+            )
 
     def _donated(self, variant: StepVariant, traced: TracedStep, flat: FlatInputs) -> frozenset[str]:
         """Inputs an update step may overwrite: the problem's parameters and optimizer state.

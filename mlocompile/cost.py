@@ -9,7 +9,6 @@ best-response VJP of each method costs in the sizes of the problem it differenti
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from mlocompile.analysis import aliased_input
+from mlocompile.analysis import estimate_peak_memory, nbytes
 
 if TYPE_CHECKING:
     from mlocompile.compiled import CompiledProgram
@@ -142,7 +141,7 @@ def estimate_step_cost(gm: GraphModule, title: str = "step") -> StepCost:
             if "mlo.method" in node.meta:
                 by_method[str(node.meta["mlo.method"])] += flops
     peak, at = estimate_peak_memory(gm)
-    inputs = sum(_nbytes(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+    inputs = sum(nbytes(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
     total = sum(by_role.values())
     return StepCost(title, total, dict(by_role), dict(by_problem), peak, at, inputs, dict(by_method))
 
@@ -171,65 +170,6 @@ def _decomposed_flops(target: Any, args: Any, kwargs: Any) -> int:
     with FlopCounterMode(display=False) as counter:
         target(*args, **kwargs)
     return int(counter.get_total_flops())
-
-
-def estimate_peak_memory(gm: GraphModule) -> tuple[int, str]:
-    """Return the peak bytes of live tensors over ``gm``'s execution and the node where it occurs.
-
-    Inputs (and constants) are held by the caller for the whole step; a computed
-    tensor lives from its producing node to its last user (the graph's outputs to
-    the end). Views and in-place ops allocate nothing: they alias their input.
-    """
-    nodes = list(gm.graph.nodes)
-    end = len(nodes) - 1
-    size: list[int] = []
-    span: list[list[int]] = []  # [born, last use] per buffer
-    held: dict[Node, list[int]] = {}  # the buffers a node's value lives in
-    items: dict[Node, list[int]] = {}  # per tuple element, for getitem
-
-    def alloc(val: Any, born: int, last: int) -> int:
-        size.append(_nbytes(val))
-        span.append([born, last])
-        return len(size) - 1
-
-    for i, node in enumerate(nodes):
-        val = node.meta.get("val")
-        if node.op in ("placeholder", "get_attr"):
-            held[node] = [alloc(val, 0, end)]
-        elif node.op == "call_function" and node.target is operator.getitem:
-            parent, index = node.args
-            assert isinstance(parent, Node)
-            held[node] = [items[parent][index]] if parent in items else held[parent]  # type: ignore[index]
-        elif node.op == "call_function":
-            source = aliased_input(node)
-            if source is not None:
-                held[node] = held.get(source, [])
-            elif isinstance(val, (tuple, list)):
-                items[node] = [alloc(v, i, i) for v in val]
-                held[node] = items[node]
-            else:
-                held[node] = [alloc(val, i, i)]
-        for user_of in node.all_input_nodes:
-            for buf in held.get(user_of, []):
-                span[buf][1] = max(span[buf][1], end if node.op == "output" else i)
-    delta = [0] * (len(nodes) + 1)
-    for nbytes, (born, last) in zip(size, span):
-        delta[born] += nbytes
-        delta[last + 1] -= nbytes
-    live, peak, at = 0, 0, 0
-    for i in range(len(nodes)):
-        live += delta[i]
-        if live > peak:
-            peak, at = live, i
-    return peak, nodes[at].name if nodes else ""
-
-
-def _nbytes(val: Any) -> int:
-    if isinstance(val, torch.Tensor):
-        return int(val.numel()) * val.element_size()
-    if isinstance(val, (tuple, list)):
-        return sum(_nbytes(v) for v in val)
-    return 0
 
 
 def _si(n: float) -> str:

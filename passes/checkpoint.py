@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import aliased_input
-from mlocompile.cost import estimate_peak_memory
+from mlocompile.analysis import aliased_input, estimate_peak_memory
 
 aten = torch.ops.aten
 MAX_CHAIN = 6  # nodes recomputed for one checkpointed value, at most

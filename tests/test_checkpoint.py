@@ -9,7 +9,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mlocompile as mlo
-from mlocompile.cost import estimate_peak_memory
+from mlocompile.analysis import estimate_peak_memory
 from mlocompile.ir import format_graph
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs, trace_step

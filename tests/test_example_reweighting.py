@@ -115,3 +115,16 @@ def test_main_prints_table(mwn: ModuleType, capsys: pytest.CaptureFixture[str]) 
     table = out[out.index("baseline acc") :].splitlines()
     assert any(line.startswith("mean±std") for line in table)
     assert all(0.0 <= r["mwn_acc"] <= 1.0 and math.isfinite(r["w_clean"]) for r in rows)
+
+
+def test_resnet_variant_tracks_running_statistics_and_evaluates_in_eval_mode(mwn: ModuleType) -> None:
+    engine = mwn.build("darts", iters=3, seed=0, model="resnet")
+    net = engine.inner.module
+    engine.run()
+    bn = net.stem[1]
+    # 3 classifier steps and 3 meta steps each ran one train-mode forward of the classifier
+    # (validation ran in eval mode and advanced nothing)
+    assert int(bn.num_batches_tracked) == 6 and net.training
+    before = bn.running_mean.clone()
+    stats = mwn.evaluate(engine)
+    assert torch.equal(bn.running_mean, before) and net.training and 0.0 <= stats["test_acc"] <= 1.0
