@@ -17,7 +17,6 @@ from mlocompile.rng import thread_rng_order
 from mlocompile.step import StepFn, StepVariant, build_step
 from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
 
-
 RETRACE_WARNING = 8  # distinct input shapes of one step before the executor warns
 
 
