@@ -347,6 +347,8 @@ def _match_params(optimizer: torch.optim.Optimizer, named_params: dict[str, torc
         for j, p in enumerate(group["params"]):
             if id(p) in name_of:
                 group_of[name_of[id(p)]] = i
+            elif not p.requires_grad:
+                continue  # frozen: torch.optim skips it (its .grad stays None), and so does the update
             else:
                 unknown.append(f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)})")
     missing = [n for n in named_params if n not in group_of]

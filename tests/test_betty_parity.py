@@ -18,6 +18,7 @@ Programs:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("betty")
 
@@ -417,3 +419,86 @@ def test_meta_weight_net_with_a_resnet(case: str, backend: str) -> None:
     torch.manual_seed(0)
     program.specs["inner"].module = nn.Sequential(nn.Linear(10, 64), nn.Unflatten(1, (1, 8, 8)), ResNet())
     assert_parity(program, backend)
+
+
+class SeqLSTM(nn.Module):
+    """An LSTM classifier over the 10 inputs read as 5 steps of 2 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(2, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (h, _) = self.lstm(x.reshape(-1, 5, 2))
+        return self.head(h[-1])
+
+
+class SeqTransformer(nn.Module):
+    """A one-layer TransformerEncoder over the 10 inputs read as 5 tokens of 2 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.proj(x.reshape(-1, 5, 2))).mean(1))
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight matrix (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 10)
+        self.b = nn.Linear(10, 10)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def frozen_mlp() -> nn.Module:
+    net = mlp(10, 16, 3)
+    net[0].weight.requires_grad_(False)
+    return net
+
+
+MODELS_FOR_PARITY: dict[str, Callable[[], nn.Module]] = {
+    "lstm": SeqLSTM,
+    "transformer": SeqTransformer,
+    "tied": Tied,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["darts", "neumann", "cg"])
+@pytest.mark.parametrize("model", list(MODELS_FOR_PARITY))
+def test_meta_weight_net_with_real_models(model: str, case: str, backend: str) -> None:
+    program = mwn_program(MWN_CASES[case])
+    torch.manual_seed(0)
+    program.specs["inner"].module = MODELS_FOR_PARITY[model]()
+    # Betty differentiates the fused CPU attention kernel twice under neumann/cg and fails ("derivative
+    # for ..._flash_attention_for_cpu_backward is not implemented"); both sides run the math kernel
+    with sdpa_kernel(SDPBackend.MATH) if model == "transformer" else contextlib.nullcontext():
+        assert_parity(program, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_parameters_beyond_betty(backend: str) -> None:
+    # Betty calls retain_grad on every parameter of the module, frozen ones too, and fails; here
+    # an optimizer over all of net.parameters() trains the trainable ones, as torch.optim does
+    # (tests/test_models.py checks the numbers with a frozen layer)
+    program = mwn_program(MWN_CASES["darts"])
+    torch.manual_seed(0)
+    program.specs["inner"].module = frozen_mlp()
+    with pytest.raises(RuntimeError, match="can't retain_grad on Tensor that has requires_grad=False"):
+        run_program(BETTY, program, {"strategy": "cpu"})
+    ours = run_program(OURS, program, {"compile": backend})["inner"]
+    init = dict(program.specs["inner"].module.named_parameters())
+    assert torch.equal(ours["0.weight"], init["0.weight"].detach())  # frozen: unchanged
+    assert not torch.equal(ours["0.bias"], init["0.bias"].detach())
