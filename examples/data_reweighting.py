@@ -50,7 +50,7 @@ It prints one progress line per run every ``iters // 5`` steps, then a table: pe
 seed, the clean-test accuracy of the baseline and of Meta-Weight-Net, the mean
 (unnormalized) meta-net weight of clean and of mislabelled training samples, and the
 seconds for both runs; then mean ± standard deviation over seeds. On seeds 0-2
-(defaults): baseline 0.647 ± 0.029, MWN 0.773 ± 0.006; mislabelled samples get a quarter
+(defaults): baseline 0.646 ± 0.034, MWN 0.776 ± 0.004; mislabelled samples get a quarter
 to a half of the weight of clean ones. Both decline with more steps as the classifier
 memorizes noise (MWN is at 0.85-0.90 at step 200); the same classifier trained on the
 clean training samples alone reaches 0.92 ± 0.02.
