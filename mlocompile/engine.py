@@ -420,6 +420,8 @@ class Engine:
 
     def _write_buffers(self, new: dict[str, dict[str, Tensor]]) -> None:
         """Copy a step's buffers (running statistics after its forward) into the user's modules, in place."""
+        if not new:
+            return
         live = self.fp.read_buffers()
         with torch.no_grad():
             for prob, tensors in new.items():

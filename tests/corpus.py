@@ -18,21 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlocompile as mlo
+from programs import Vec
 
 N_SAMPLES = 16  # training samples, so λ has 16 entries
 BATCH = 8
 GROUP_LR, GROUP_WD = (0.2, 0.05), (1e-2, 0.0)  # "groups": the first layer, the rest
-
-
-class Vec(nn.Module):
-    """A module that is just a parameter vector; calling it returns the vector."""
-
-    def __init__(self, init: torch.Tensor) -> None:
-        super().__init__()
-        self.p = nn.Parameter(init.clone())
-
-    def forward(self) -> torch.Tensor:
-        return self.p
 
 
 class ConvBN(nn.Module):

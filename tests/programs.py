@@ -16,6 +16,17 @@ from torch import nn
 import mlocompile as mlo
 
 
+class Vec(nn.Module):
+    """A module that is just a parameter vector; calling it returns the vector."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.p = nn.Parameter(init.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.p
+
+
 class Reweighted(mlo.ImplicitProblem):
     """Meta-Weight-Net lower problem: per-sample losses weighted by the upper's net."""
 

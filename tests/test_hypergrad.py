@@ -8,22 +8,12 @@ from torch import nn
 
 import mlocompile as mlo
 from mlocompile.hypergrad import segment_bounds
+from programs import Vec
 
 BACKENDS = ["eager", "fx"]
 
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-class Vec(nn.Module):
-    """A module that is just a parameter vector; calling it returns the vector."""
-
-    def __init__(self, init: torch.Tensor) -> None:
-        super().__init__()
-        self.p = nn.Parameter(init.clone())
-
-    def forward(self) -> torch.Tensor:
-        return self.p
 
 
 # --- ridge regression with per-feature L2: the closed form ------------------------------------
