@@ -149,3 +149,26 @@ def test_cse_does_not_merge_across_a_write_to_an_input():
     x = torch.ones(3)
     gm = eliminate_common_subexpressions(step_graph(f, x))
     assert torch.equal(gm(x), torch.full((3,), 7.0))
+
+
+def test_verify_rejects_in_place_ops_and_mutated_inputs_before_the_mutating_passes():
+    from mlocompile.errors import IRVerificationError
+    from mlocompile.ir import verify
+
+    def writes_a_temporary(x):
+        return (x * 2).add_(1)
+
+    def writes_its_input(x):
+        x.mul_(2)
+        return x + 1
+
+    x = torch.ones(3)
+    for fn in (writes_a_temporary, writes_its_input):
+        gm = step_graph(fn, x)
+        with pytest.raises(IRVerificationError, match="must be functional"):
+            verify(gm)
+        verify(gm, functional=False)  # after reinplace_pointwise / plan_static_buffers: allowed
+    # functionalized, the input write becomes a copy_ into the input: still a mutated input
+    with pytest.raises(IRVerificationError, match=r"aten.copy_.default\) writes into its input"):
+        verify(step_graph(torch.func.functionalize(writes_its_input, remove="mutations"), x))
+    verify(step_graph(torch.func.functionalize(writes_a_temporary, remove="mutations"), x))
