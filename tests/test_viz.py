@@ -9,13 +9,12 @@ from textwrap import dedent
 
 import pytest
 import torch
-from torch import nn
 
 import mlocompile as mlo
 from mlocompile import viz
 from mlocompile.errors import MLOError, ProgramError
 from mlocompile.ir import ROLES
-from programs import chain_engine, mwn_engine
+from programs import Vec, chain_engine, mwn_engine
 
 NODE = re.compile(r'^\s*("(?:[^"\\]|\\.)*") (\[.*\]);$')
 EDGE = re.compile(r'^\s*("(?:[^"\\]|\\.)*") -> ("(?:[^"\\]|\\.)*")(?: (\[.*\]))?;$')
@@ -93,15 +92,6 @@ def test_program_dot_three_levels(chain3):
     paths = nodes["paths"]["label"].split("\\l")
     assert "  p1 -u2l-> p0" in paths and "  p2 -u2l-> p1" in paths
     assert "  p2.v0 = vjp[p1 (darts)](dC/dp1) -> d/dp2" in paths
-
-
-class Vec(nn.Module):
-    def __init__(self, init: torch.Tensor) -> None:
-        super().__init__()
-        self.p = nn.Parameter(init.clone())
-
-    def forward(self) -> torch.Tensor:
-        return self.p
 
 
 class MamlInner(mlo.ImplicitProblem):
