@@ -18,16 +18,30 @@ The pipeline, in the order data flows:
 
 from __future__ import annotations
 
-from mlocompile.compiled import CompiledProgram, compile
+from mlocompile.compiled import CompiledProgram
 from mlocompile.config import Config, EngineConfig
 from mlocompile.decorator import problem
-from mlocompile.engine import Engine
-from mlocompile.errors import IRVerificationError, MLOError, NonFiniteError, PassError, ProgramError, TraceError
+from mlocompile.engine import Engine, compile
+from mlocompile.errors import (
+    CheckpointError,
+    CliError,
+    DistributedError,
+    IRVerificationError,
+    MLOError,
+    NonFiniteError,
+    PassError,
+    ProgramError,
+    RenderError,
+    TraceError,
+)
 from mlocompile.problem import ImplicitProblem, IterativeProblem, Problem
 
 __all__ = [
+    "CheckpointError",
+    "CliError",
     "CompiledProgram",
     "Config",
+    "DistributedError",
     "Engine",
     "EngineConfig",
     "IRVerificationError",
@@ -38,6 +52,7 @@ __all__ = [
     "PassError",
     "Problem",
     "ProgramError",
+    "RenderError",
     "TraceError",
     "compile",
     "problem",

@@ -22,11 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mlocompile.errors import MLOError
-
-
-class CliError(MLOError):
-    """Bad command-line input: a missing file, a target that is not an Engine."""
+from mlocompile.errors import CliError, MLOError
 
 
 def load_engine(target: str, **overrides: Any) -> Any:

@@ -10,16 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mlocompile.errors import MLOError
+from mlocompile.errors import CheckpointError
 
 if TYPE_CHECKING:
     from mlocompile.engine import Engine
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(MLOError):
-    """A checkpoint cannot be written, or does not fit the engine it is loaded into."""
 
 
 def _rng_state() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from mlocompile.program import ProgramGraph
 from mlocompile.rng import thread_rng_order
 from mlocompile.step import StepFn, StepVariant, build_step
 from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
+from passes.report import PassReport
 
 RETRACE_WARNING = 8  # distinct input shapes of one step before the executor warns
 
@@ -40,8 +41,6 @@ class StepExecutor:
         self._fns: dict[tuple[Any, ...], StepFn] = {}
         self._traced: dict[tuple[Any, ...], TracedStep] = {}
         self.latest: dict[str, TracedStep] = {}
-        from passes import PassReport  # NOTE: lazily: passes imports mlocompile
-
         self.report = PassReport()
         self.memory_budget: float | None = None
         self.world_size = 1

@@ -10,9 +10,9 @@ best-response VJP of each method costs in the sizes of the problem it differenti
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sympy
 import torch
@@ -21,9 +21,7 @@ from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from mlocompile.analysis import estimate_peak_memory, nbytes
-
-if TYPE_CHECKING:
-    from mlocompile.compiled import CompiledProgram
+from mlocompile.program import ProgramGraph
 
 aten = torch.ops.aten
 
@@ -118,10 +116,9 @@ class CostReport:
         return "\n".join(rows)
 
 
-def estimate_cost(compiled: CompiledProgram) -> CostReport:
-    """Estimate FLOPs and peak memory of every emitted step of ``compiled``."""
-    steps = {title: estimate_step_cost(gm, title) for title, gm in compiled.graph_modules.items()}
-    program = compiled.program
+def estimate_cost(program: ProgramGraph, graph_modules: Mapping[str, GraphModule]) -> CostReport:
+    """Estimate FLOPs and peak memory of every emitted step graph of ``program``."""
+    steps = {title: estimate_step_cost(gm, title) for title, gm in graph_modules.items()}
     methods = {n: prob.config.type for n, prob in program.problems.items() if program.parents(n)}
     return CostReport(steps=steps, methods=methods)
 

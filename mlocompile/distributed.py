@@ -22,11 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from mlocompile.errors import MLOError
-
-
-class DistributedError(MLOError):
-    """Ranks disagree, or the process group cannot be set up."""
+from mlocompile.errors import DistributedError
 
 
 def init_process_group(backend: str | None, timeout_s: float) -> tuple[int, int]:

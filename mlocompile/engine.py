@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mlocompile import checkpoint, distributed
 from mlocompile.codegen import StepExecutor
+from mlocompile.compiled import CompiledProgram
 from mlocompile.config import EngineConfig
 from mlocompile.decorator import declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
 from mlocompile.errors import NonFiniteError, ProgramError
@@ -503,10 +504,8 @@ class Engine:
                 )
         self._checked = True
 
-    def compile(self) -> Any:
+    def compile(self) -> CompiledProgram:
         """Trace every problem's step now (normally done lazily) and return the CompiledProgram."""
-        from mlocompile.compiled import CompiledProgram
-
         self._check_program()
         for name in self.program.problems:
             variants = [True] if self.program.problems[name].config.gradient_accumulation == 1 else [False, True]
@@ -515,7 +514,9 @@ class Engine:
                 if self.config.compile == "eager":
                     continue
                 self.executor.traced(StepVariant(name, update), inputs)
-        return CompiledProgram(self)
+        latest = self.executor.latest
+        graphs = {title: latest[title].gm for title in sorted(latest)}
+        return CompiledProgram(self.program, graphs, self.executor.report)
 
     def gradients(self, name: str, batch: Any = None) -> dict[str, Tensor]:
         """Return problem ``name``'s full gradient (direct + hypergradients) without stepping.
@@ -534,3 +535,8 @@ class Engine:
     def optimizer_state(self, name: str) -> StateDict:
         """Return problem ``name``'s optimizer state as the step sees it."""
         return self.optimizers[name].read_state()
+
+
+def compile(engine: Engine) -> CompiledProgram:
+    """Trace and optimize every step of ``engine`` now; return what was emitted."""
+    return engine.compile()

@@ -1,4 +1,4 @@
-"""Error hierarchy: one base class, one subclass per compiler stage."""
+"""Every error mlocompile raises on purpose: one base class, one subclass per stage or tool."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class TraceError(MLOError):
 
 
 class PassError(MLOError):
-    """A compiler pass failed; the message names the pass and the passes before it."""
+    """A compiler pass failed; the message names the pass, the passes before it and the IR around the failure."""
 
 
 class IRVerificationError(MLOError):
@@ -25,3 +25,33 @@ class IRVerificationError(MLOError):
 
 class NonFiniteError(MLOError):
     """A loss or gradient became NaN/inf during training."""
+
+
+class CheckpointError(MLOError):
+    """A checkpoint cannot be written, or does not fit the engine it is loaded into."""
+
+
+class DistributedError(MLOError):
+    """Ranks disagree, or the process group cannot be set up."""
+
+
+class RenderError(MLOError):
+    """A diagram could not be rendered (no Graphviz ``dot``, unknown format, ``dot`` failed)."""
+
+
+class CliError(MLOError):
+    """Bad command-line input: a missing file, a target that is not an Engine."""
+
+
+__all__ = [
+    "CheckpointError",
+    "CliError",
+    "DistributedError",
+    "IRVerificationError",
+    "MLOError",
+    "NonFiniteError",
+    "PassError",
+    "ProgramError",
+    "RenderError",
+    "TraceError",
+]

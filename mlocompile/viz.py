@@ -10,15 +10,14 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from mlocompile.errors import MLOError, ProgramError
-
-if TYPE_CHECKING:
-    from mlocompile.compiled import CompiledProgram
+from mlocompile.errors import ProgramError, RenderError
+from mlocompile.program import ProgramGraph
 
 # Fill colour of a step-graph node by its ``mlo.role`` (every role in mlocompile.ir.ROLES).
 ROLE_COLORS: dict[str, str] = {
@@ -36,10 +35,6 @@ EDGE_COLORS: dict[str, str] = {"u2l": "#ff0000", "l2u": "#008000"}
 KINDS = ("program", "step", "step:<title>")
 FORMATS = ("dot", "svg", "png", "pdf")
 _INSTALL_HINT = "apt-get install graphviz (Debian/Ubuntu), brew install graphviz (macOS) or conda install graphviz"
-
-
-class RenderError(MLOError):
-    """A diagram could not be rendered (no Graphviz ``dot``, unknown format, ``dot`` failed)."""
 
 
 def _q(text: str) -> str:
@@ -65,11 +60,12 @@ def _attrs(**attrs: str) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-def to_dot(compiled: CompiledProgram, kind: str = "program") -> str:
-    """Return deterministic Graphviz DOT text for one view of ``compiled``.
+def to_dot(program: ProgramGraph, graph_modules: Mapping[str, GraphModule], kind: str = "program") -> str:
+    """Return deterministic Graphviz DOT text for one view of a compiled program.
 
     Args:
-        compiled: The compiled program to draw.
+        program: The program graph (problems, edges, paths, VJP plans).
+        graph_modules: The emitted step graphs by name (``CompiledProgram.graph_modules``).
         kind: ``"program"`` (problems by level, u2l red, l2u green, paths and VJP plan),
             ``"step"`` (every step graph, clustered by problem, coloured by role) or
             ``"step:<title>"`` (one step graph, e.g. ``"step:step_inner"``).
@@ -78,19 +74,18 @@ def to_dot(compiled: CompiledProgram, kind: str = "program") -> str:
         ProgramError: ``kind`` is not one of the above or names no emitted step graph.
     """
     if kind == "program":
-        return _program_dot(compiled)
+        return _program_dot(program)
     if kind == "step" or kind.startswith("step:"):
-        graphs = compiled.graph_modules
+        graphs = graph_modules
         title = kind.partition(":")[2]
         if title and title not in graphs:
             raise ProgramError(f"to_dot: no step graph named {title!r}; emitted step graphs are {sorted(graphs)}")
         chosen = {title: graphs[title]} if title else graphs
-        return _steps_dot(chosen, set(compiled.program.problems))
+        return _steps_dot(chosen, set(program.problems))
     raise ProgramError(f"to_dot: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
-def _program_dot(compiled: CompiledProgram) -> str:
-    prog = compiled.program
+def _program_dot(prog: ProgramGraph) -> str:
     out = [
         "digraph program {",
         '  graph [rankdir=TB, nodesep=0.6, ranksep=0.8, fontname="Helvetica"];',
@@ -117,13 +112,12 @@ def _program_dot(compiled: CompiledProgram) -> str:
             extra = {"constraint": "false"} if kind == "l2u" else {}
             attrs = _attrs(label=text, color=color, fontcolor=color, penwidth="1.6", **extra)
             out.append(f"  {_q('problem:' + u)} -> {_q('problem:' + v)} {attrs};")
-    out.append(f"  {_q('paths')} {_attrs(shape='note', style='', label=_label(_path_lines(compiled), 'left'))};")
+    out.append(f"  {_q('paths')} {_attrs(shape='note', style='', label=_label(_path_lines(prog), 'left'))};")
     out.append("}")
     return "\n".join(out) + "\n"
 
 
-def _path_lines(compiled: CompiledProgram) -> list[str]:
-    prog = compiled.program
+def _path_lines(prog: ProgramGraph) -> list[str]:
     paths = [str(p) for ps in prog.paths.values() for p in ps]
     lines = ["hypergradient paths:"] + [f"  {p}" for p in paths or ["(none)"]]
     ops = [(upper, op) for upper, plan in prog.plans.items() for op in plan]
@@ -213,14 +207,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def render(compiled: CompiledProgram, path: str | os.PathLike[str], kind: str = "program") -> str:
-    """Write the diagram ``kind`` of ``compiled`` to ``path``; return the path written.
+def render(
+    program: ProgramGraph, graph_modules: Mapping[str, GraphModule], path: str | os.PathLike[str], kind: str = "program"
+) -> str:
+    """Write the diagram ``kind`` of a compiled program to ``path``; return the path written.
 
     The DOT text always goes to ``path`` with a ``.dot`` suffix; for ``.svg``, ``.png`` and
     ``.pdf`` Graphviz's ``dot`` then renders it. Both files are written atomically.
 
     Args:
-        compiled: The compiled program to draw.
+        program: As for :func:`to_dot`.
+        graph_modules: As for :func:`to_dot`.
         path: Output file; its extension picks the format (one of ``FORMATS``).
         kind: As for :func:`to_dot`.
 
@@ -235,7 +232,7 @@ def render(compiled: CompiledProgram, path: str | os.PathLike[str], kind: str = 
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     dot_path = out.with_suffix(".dot")
-    _write_atomic(dot_path, to_dot(compiled, kind).encode())
+    _write_atomic(dot_path, to_dot(program, graph_modules, kind).encode())
     if fmt == "dot":
         return str(dot_path)
     exe = shutil.which("dot")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from passes.dce import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
 from passes.order_vjps import check_no_jacobians, order_vjps
 from passes.reinplace import reinplace_pointwise
+from passes.report import PassRecord, PassReport
 from passes.simplify import simplify_no_ops
 
 GraphPass = Callable[..., GraphModule]
@@ -44,30 +44,6 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "reinplace_pointwise": reinplace_pointwise,
     "plan_static_buffers": plan_static_buffers,
 }
-
-
-@dataclass
-class PassRecord:
-    """What one pass did to one graph: node counts and time spent."""
-
-    graph: str
-    name: str
-    nodes_before: int
-    nodes_after: int
-    seconds: float
-
-
-@dataclass
-class PassReport:
-    """Every pass run, in order."""
-
-    records: list[PassRecord] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        rows = [f"{'graph':<28} {'pass':<34} {'before':>7} {'after':>7} {'ms':>8}"]
-        for r in self.records:
-            rows.append(f"{r.graph:<28} {r.name:<34} {r.nodes_before:>7} {r.nodes_after:>7} {1e3 * r.seconds:>8.2f}")
-        return "\n".join(rows)
 
 
 def run_program_passes(program: ProgramGraph) -> ProgramGraph:
