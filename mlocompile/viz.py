@@ -80,7 +80,7 @@ def to_dot(program: ProgramGraph, graph_modules: Mapping[str, GraphModule], kind
         title = kind.partition(":")[2]
         if title and title not in graphs:
             raise ProgramError(f"to_dot: no step graph named {title!r}; emitted step graphs are {sorted(graphs)}")
-        chosen = {title: graphs[title]} if title else graphs
+        chosen = {title: graphs[title]} if title else dict(graphs)
         return _steps_dot(chosen, set(program.problems))
     raise ProgramError(f"to_dot: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
 
