@@ -1,35 +1,38 @@
-"""Engine checkpoints: atomic writes, and a resume that reproduces the uninterrupted run."""
+"""Checkpoint files: atomic writes, reads, and the global random state a resume needs.
+
+This module only does files. What goes into one is the Engine's business
+(``Engine.state_dict()``); ``write`` adds the format version and the random state of
+torch, Python and numpy, ``read`` checks the version, ``set_rng_state`` restores the
+random state once the engine has loaded the rest.
+"""
 
 from __future__ import annotations
 
 import os
 import random
 import tempfile
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mlocompile.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from mlocompile.engine import Engine
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The global random state of torch (CPU), Python and numpy (if installed)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     try:
         import numpy as np
-
-        state["numpy"] = np.random.get_state()
     except ImportError:  # numpy is optional
-        pass
+        return state
+    state["numpy"] = np.random.get_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "numpy" in state:
@@ -38,46 +41,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
-def engine_state(engine: Engine) -> dict[str, Any]:
-    """Collect everything a resumed run needs: weights, optimizer/scheduler state,
-    schedule counters, unroll windows, data position, RNG and early-stopping state."""
-    problems = {}
-    for name, p in engine.program.problems.items():
-        assert p.module is not None and p.optimizer is not None
-        problems[name] = {
-            "module": p.module.state_dict(),
-            "optimizer": p.optimizer.state_dict(),
-            "sgd_steps": dict(engine.optimizers[name]._sgd_steps),
-            "scheduler": None if p.scheduler is None else p.scheduler.state_dict(),
-            "data": p.data_state(),
-            "cur_batch": p.cur_batch,
-            "init_source": None if p._init_source is None else p._init_source.name,
-        }
-    return {
-        "format": FORMAT_VERSION,
-        "global_step": engine.global_step,
-        "problems": problems,
-        "runtime": {name: asdict(run) for name, run in engine._run.items()},
-        "init_sources": dict(engine.executor.init_sources),
-        "checked": engine._checked,
-        "early_stopping": (engine.early_stopping_best, engine.early_stopping_counter),
-        "history": list(engine.history),
-        "rng": _rng_state(),
-    }
+def write(path: str, state: dict[str, Any]) -> str:
+    """Write ``state`` (plus format version and random state) to ``path`` atomically.
 
-
-def save(engine: Engine, path: str) -> str:
-    """Write the engine's state to ``path`` atomically (a temp file, fsync, rename)."""
-    state = engine_state(engine)
+    A temporary file in the same folder, fsync, rename, fsync of the folder: readers
+    see the old file or the new one, never a partial one.
+    """
+    payload = {"format": FORMAT_VERSION, "rng": rng_state(), **state}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        os.replace(tmp, path)  # atomic on POSIX
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -90,38 +69,11 @@ def save(engine: Engine, path: str) -> str:
     return path
 
 
-def load(engine: Engine, path: str) -> None:
-    """Restore a state written by ``save`` into an engine built the same way."""
-    from mlocompile.engine import _Runtime
-
+def read(path: str) -> dict[str, Any]:
+    """Read a file ``write`` wrote; raise CheckpointError if it is missing or of another format."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path!r}")
-    state = torch.load(path, weights_only=False)
+    state: dict[str, Any] = torch.load(path, weights_only=False)
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path!r} has checkpoint format {state.get('format')!r}, expected {FORMAT_VERSION}")
-    saved, mine = sorted(state["problems"]), sorted(engine.program.problems)
-    if saved != mine:
-        raise CheckpointError(
-            f"checkpoint problems {saved} differ from the engine's {mine}; build the engine the same way"
-        )
-    for name, p in engine.program.problems.items():
-        st = state["problems"][name]
-        assert p.module is not None and p.optimizer is not None
-        try:
-            p.module.load_state_dict(st["module"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"problem {name!r}: module does not match the checkpoint: {exc}") from exc
-        p.optimizer.load_state_dict(st["optimizer"])
-        engine.optimizers[name]._sgd_steps = dict(st["sgd_steps"])
-        if p.scheduler is not None and st["scheduler"] is not None:
-            p.scheduler.load_state_dict(st["scheduler"])
-        p.load_data_state(st["data"])
-        p.cur_batch = st["cur_batch"]
-        p._init_source = None if st["init_source"] is None else engine.program.problems[st["init_source"]]
-    engine._run = {name: _Runtime(**run) for name, run in state["runtime"].items()}
-    engine.executor.init_sources = dict(state["init_sources"])
-    engine._checked = state["checked"]
-    engine.global_step = state["global_step"]
-    engine.early_stopping_best, engine.early_stopping_counter = state["early_stopping"]
-    engine.history = list(state["history"])
-    _set_rng_state(state["rng"])
+    return state

@@ -128,6 +128,14 @@ def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
     return SplitBatches(loader, rank, world_size)
 
 
+def shard_problems(problems: Iterable[Any], rank: int, world_size: int) -> None:
+    """Give every problem this rank's shard of its loaders (its iterators restart there)."""
+    for problem in problems:
+        loader = shard_loader(problem._loaders(), rank, world_size)
+        problem.train_data_loader = loader[0] if len(loader) == 1 else loader
+        problem._iterators = None
+
+
 def broadcast_parameters(modules: Iterable[torch.nn.Module]) -> None:
     """Make every rank start from rank 0's parameters and buffers."""
     for module in modules:
@@ -146,6 +154,19 @@ def check_identical(named: dict[str, list[torch.Tensor]], step: int) -> None:
                 f"problem {name!r}: parameters or optimizer state differ across ranks at global step {step}; "
                 "every rank must run the same program on equally many batches"
             )
+
+
+def check_problems_identical(problems: Iterable[Any], step: int) -> None:
+    """Raise DistributedError naming the first problem whose parameters or optimizer state differ across ranks."""
+    named = {}
+    for problem in problems:
+        state = problem.optimizer.state
+        named[problem.name] = [
+            t
+            for p in problem.trainable_parameters()
+            for t in (p, *(v for v in state.get(p, {}).values() if isinstance(v, torch.Tensor)))
+        ]
+    check_identical(named, step)
 
 
 def broadcast_flag(flag: bool) -> bool:

@@ -1,4 +1,4 @@
-"""Watching a run: a terminal progress bar and metric files (JSONL, CSV, TensorBoard)."""
+"""Watching a run: a terminal progress bar, metric files (JSONL, CSV, TensorBoard), early stopping."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import sys
 import time
 from typing import Any, TextIO
+
+from mlocompile.errors import ProgramError
 
 
 class ProgressBar:
@@ -49,6 +51,38 @@ class ProgressBar:
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class EarlyStopping:
+    """Betty's early stopping: stop after ``tolerance`` validations without a better ``metric``."""
+
+    def __init__(self, metric: str, mode: str, tolerance: int) -> None:
+        self.metric, self.mode, self.tolerance = metric, mode, tolerance
+        self.best: float | None = None
+        self.counter = 0
+
+    def update(self, stats: dict[str, Any]) -> bool:
+        """Record one validation's ``stats``; return whether to stop.
+
+        Raises:
+            ProgramError: ``metric`` is not among the validation results.
+        """
+        if self.metric not in stats:
+            raise ProgramError(f"early_stopping_metric={self.metric!r} is not in validation()'s result {sorted(stats)}")
+        score = float(stats[self.metric])
+        if self.best is None or (score < self.best if self.mode == "min" else score > self.best):
+            self.best, self.counter = score, 0
+        else:
+            self.counter += 1
+        return self.counter >= self.tolerance
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best score so far and the validations since."""
+        return {"best": self.best, "counter": self.counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` wrote."""
+        self.best, self.counter = state["best"], state["counter"]
 
 
 class MetricsLogger:

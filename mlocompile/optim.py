@@ -98,6 +98,14 @@ class FunctionalOptimizer:
             decoupled=bool(g.get("decoupled_weight_decay", self.kind == "adamw")),
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What ``optimizer.state_dict()`` lacks: SGD step counts (plain SGD keeps no state)."""
+        return {"sgd_steps": dict(self._sgd_steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` wrote."""
+        self._sgd_steps = dict(state["sgd_steps"])
+
     def signature(self) -> tuple[Any, ...]:
         """Return the hashable structure of the update; a change means a retrace."""
         groups = tuple(self._flags(i) for i in range(len(self.optimizer.param_groups)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -206,6 +206,31 @@ class Problem:
             "consumed": list(self._consumed),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """This problem's resumable state: module, optimizer, scheduler, data position, last batch."""
+        if self.module is None or self.optimizer is None:
+            raise ProgramError(f"problem {self._name!r}: state_dict needs a module and an optimizer")
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "data": self.data_state(),
+            "cur_batch": self.cur_batch,
+            "init_source": None if self._init_source is None else self._init_source.name,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (the problem it started from is found by name)."""
+        if self.module is None or self.optimizer is None:
+            raise ProgramError(f"problem {self._name!r}: load_state_dict needs a module and an optimizer")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.load_data_state(state["data"])
+        self.cur_batch = state["cur_batch"]
+        self._init_source = None if state["init_source"] is None else getattr(self, state["init_source"])
+
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Recreate the data iterators at the position ``data_state`` recorded."""
         if not state["started"]:
@@ -229,6 +254,55 @@ class Problem:
         self.epoch_counter = list(state["epoch_counter"])
         self._iter_rng = list(state["iter_rng"])
         self._consumed = list(state["consumed"])
+
+
+def attach_problems(problems: Sequence[Problem], owner: object) -> None:
+    """Wire a program's problems: build modules/optimizers/schedulers from their ``configure_*``
+    hooks, and make every problem an attribute of ``owner`` (the Engine) and of each other.
+
+    Raises:
+        ProgramError: a non-Problem, a duplicate or clashing name, a missing module or
+            optimizer, or an ``nn.SyncBatchNorm`` (its all-reduce is not traced).
+    """
+    for p in problems:
+        if not isinstance(p, Problem):
+            raise ProgramError(f"problems must be Problem instances, got {type(p).__name__}")
+    names = [p.name for p in problems]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ProgramError(f"two problems are named {dupes[0]!r}; problem names must be unique")
+    for problem in problems:
+        _configure(problem)
+        name = problem.name
+        if hasattr(type(owner), name) or name in vars(owner):
+            raise ProgramError(f"problem name {name!r} clashes with an Engine attribute; rename the problem")
+        setattr(owner, name, problem)
+        problem._peers = tuple(n for n in names if n != name)
+        for other in problems:
+            if other is not problem:
+                if hasattr(type(other), name):
+                    raise ProgramError(f"problem name {name!r} clashes with an attribute of {other.name!r}; rename it")
+                setattr(other, name, problem)
+
+
+def _configure(problem: Problem) -> None:
+    name = problem.name
+    if problem.module is None and problem.is_implemented("configure_module"):
+        problem.module = problem.configure_module()  # type: ignore[attr-defined]
+    if problem.module is None:
+        raise ProgramError(f"problem {name!r} has no module; pass module=... or define configure_module()")
+    if any(isinstance(m, nn.SyncBatchNorm) for m in problem.module.modules()):
+        raise ProgramError(
+            f"problem {name!r}: nn.SyncBatchNorm is not supported (its statistics all-reduce is not "
+            "traced into the step); use nn.BatchNorm1d/2d/3d: under strategy='distributed' each rank "
+            "then normalizes with its own shard's batch statistics"
+        )
+    if problem.optimizer is None and problem.is_implemented("configure_optimizer"):
+        problem.optimizer = problem.configure_optimizer()  # type: ignore[attr-defined]
+    if problem.optimizer is None:
+        raise ProgramError(f"problem {name!r} has no optimizer; pass optimizer=torch.optim.SGD(...) or similar")
+    if problem.scheduler is None and problem.is_implemented("configure_scheduler"):
+        problem.scheduler = problem.configure_scheduler()  # type: ignore[attr-defined]
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:

@@ -63,7 +63,7 @@ def _fp16_engine(scale: float):
     engine = _with_precision(mwn_engine("darts"), "fp16")
     for problem in engine.program.problems.values():
         problem.config.initial_dynamic_scale = scale
-        engine._run[problem.name].scale = scale
+        engine.runner.runs[problem.name].scaler.scale = scale
     return engine
 
 
@@ -74,7 +74,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off():
     before = [p.detach().clone() for p in inner.module.parameters()]
     engine.train_step()
     assert all(torch.equal(b, p) for b, p in zip(before, inner.module.parameters()))
-    assert engine._run["inner"].skipped_steps == 1 and engine._run["inner"].scale == 5e29
+    assert engine.runner.runs["inner"].scaler.skipped_steps == 1 and engine.runner.runs["inner"].scaler.scale == 5e29
     assert not inner.optimizer.state  # no optimizer step was taken
 
 
@@ -84,7 +84,7 @@ def test_fp16_with_a_sane_scale_trains_close_to_fp32():
     for _ in range(3):
         engine.train_step()
         ref.train_step()
-    assert engine._run["inner"].skipped_steps == 0
+    assert engine.runner.runs["inner"].scaler.skipped_steps == 0
     got = torch.cat([p.flatten() for p in engine.program.problems["inner"].module.parameters()])
     want = torch.cat([p.flatten() for p in ref.program.problems["inner"].module.parameters()])
     assert (got - want).norm() / want.norm() < 1e-2
