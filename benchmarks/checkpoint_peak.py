@@ -48,11 +48,11 @@ def _meta_step(maml, steps: int, budget: float | None, segments: int, with_pass:
     """Build MAML, run one meta-step, return the meta problem's step graph and its inputs."""
     engine = maml.build(iters=1, steps=steps, meta_batch=1)
     engine.adapt.config.itd_segments = segments
-    engine.config.memory_budget = engine.executor.memory_budget = budget
+    engine.config.memory_budget = budget
     for _ in range(steps):
         engine.train_step()
     inputs = engine.step_inputs("meta", engine.peek_batch("meta"))
-    gm = engine.executor.traced(StepVariant("meta"), inputs).gm
+    gm = engine.compiler.traced(StepVariant("meta"), inputs, engine.compile_options()).gm
     flat = flatten_inputs(inputs).tensors
     if with_pass and budget is None:  # the liveness pass alone, on the unsegmented graph
         gm = insert_checkpoints(copy.deepcopy(gm), memory_budget=0.5)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.engine.config.check_finite = False  # long runs of the HPO workload may overflow; timing only
     for _ in range(5):
         runner.cycle()
-    steps = list(runner.engine.executor._traced.values())
+    steps = list(runner.engine.compiler._traced.values())
     direct = {id(s): s.runner for s in steps}
     times: dict[str, list[float]] = {"GraphModule": [], "direct_runner": []}
     for _ in range(args.cycles):

@@ -20,7 +20,7 @@ same way. The table's ``supernet`` row is the search network itself (mixed ops) 
 test split, timed for the whole search. Run it from the repository root::
 
     .venv/bin/python examples/darts_nas.py
-    .venv/bin/python examples/darts_nas.py --iters 300 --random 5 --backend eager
+    .venv/bin/python examples/darts_nas.py --iters 300 --random 5 --compile eager
 
 Batch norm is DARTS' affine-free one with running statistics tracked (advanced once per
 training step of the weights, and by the arch step's forward); every accuracy is measured in
@@ -217,7 +217,7 @@ def loader(split: Split, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(*split), batch_size=BATCH, shuffle=True, drop_last=True, generator=gen)
 
 
-def build(iters: int = 400, seed: int = 0, backend: str = "fx", *, progress: bool = False) -> DartsEngine:
+def build(iters: int = 400, seed: int = 0, compile: str = "fx", *, progress: bool = False) -> DartsEngine:
     """Build the DARTS search engine (the caller runs it); ``iters`` counts weight steps."""
     data = load_data(seed)
     torch.manual_seed(seed)
@@ -239,7 +239,7 @@ def build(iters: int = 400, seed: int = 0, backend: str = "fx", *, progress: boo
     engine = DartsEngine(
         problems=[arch, weights],
         dependencies={"u2l": {arch: [weights]}, "l2u": {weights: [arch]}},
-        config=mlo.EngineConfig(train_iters=iters, valid_step=max(1, iters // 5), compile=backend, progress=progress),
+        config=mlo.EngineConfig(train_iters=iters, valid_step=max(1, iters // 5), compile=compile, progress=progress),
     )
     engine.data = data
     return engine
@@ -282,7 +282,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--random", type=int, default=6, help="random architectures to retrain for comparison")
     parser.add_argument("--retrains", type=int, default=3, help="retraining seeds of the derived architecture")
     parser.add_argument("--retrain-steps", type=int, default=RETRAIN_STEPS)
-    parser.add_argument("--backend", default="fx", choices=("eager", "fx", "inductor"))
+    parser.add_argument("--compile", default="fx", choices=("eager", "fx", "inductor"))
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -306,10 +306,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         n = {k: len(v[1]) for k, v in data.items()}
         print(
             f"digits 8x8: train/val/test = {n['train']}/{n['val']}/{n['test']}, {len(EDGES)} edges x {len(OPS)} ops, "
-            f"{args.iters} search steps, backend={args.backend}"
+            f"{args.iters} search steps, compile={args.compile}"
         )
         start = time.perf_counter()
-        engine = build(args.iters, args.seed, args.backend, progress=True)
+        engine = build(args.iters, args.seed, args.compile, progress=True)
         engine.run()
         search_s = time.perf_counter() - start
         derived = derive(engine)

@@ -296,7 +296,7 @@ def build(
     method: str = "darts",
     iters: int = ITERS,
     seed: int = 0,
-    backend: str = "fx",
+    compile: str = "fx",
     *,
     meta_lr: float = META_LR,
     roll_back: bool = False,
@@ -333,7 +333,7 @@ def build(
         problems=[outer, inner],
         dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
         config=mlo.EngineConfig(
-            train_iters=iters, valid_step=max(1, iters // 5), roll_back=roll_back, compile=backend, progress=progress
+            train_iters=iters, valid_step=max(1, iters // 5), roll_back=roll_back, compile=compile, progress=progress
         ),
     )
     engine.data, engine.method = data, method
@@ -371,7 +371,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=NOISE)
     parser.add_argument("--normalize", default=NORMALIZE, choices=NORMALIZATIONS, help="how weights are scaled")
     parser.add_argument("--roll-back", action="store_true", help="redo each classifier step with the new meta-net")
-    parser.add_argument("--backend", default="fx", choices=("eager", "fx", "inductor"))
+    parser.add_argument("--compile", default="fx", choices=("eager", "fx", "inductor"))
     parser.add_argument("--model", default="mlp", choices=MODELS, help="classifier: MLP or a BatchNorm ResNet")
     return parser.parse_args(argv)
 
@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"digits: train {len(data['noisy'])} (class sizes {counts.max().item()}..{counts.min().item()}, "
             f"{data['noisy'].float().mean().item():.0%} labels flipped), meta {len(data['meta'][1])} clean, "
             f"test {len(data['test'][1])} clean; {args.iters} steps, method={args.method}, "
-            f"normalize={args.normalize}, roll_back={args.roll_back}, backend={args.backend}, model={args.model}"
+            f"normalize={args.normalize}, roll_back={args.roll_back}, compile={args.compile}, model={args.model}"
         )
         rows = []
         for seed in args.seeds:
@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 args.method,
                 args.iters,
                 seed,
-                args.backend,
+                args.compile,
                 roll_back=args.roll_back,
                 noise=args.noise,
                 normalize=args.normalize,

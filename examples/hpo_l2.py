@@ -12,7 +12,7 @@ lambda (no HPO) and the best single lambda from a grid chosen on validation loss
 Run it from the repository root::
 
     .venv/bin/python examples/hpo_l2.py
-    .venv/bin/python examples/hpo_l2.py --methods cg itd --iters 4000 --backend eager
+    .venv/bin/python examples/hpo_l2.py --methods cg itd --iters 4000 --compile eager
 
 It prints one progress line per method every ``iters // 5`` steps and a table: method,
 validation loss, test loss, test accuracy, final mean lambda (on real and on noise features) and
@@ -161,7 +161,7 @@ def build(
     method: str = "darts",
     iters: int = 2000,
     seed: int = 0,
-    backend: str = "fx",
+    compile: str = "fx",
     *,
     outer_lr: float = OUTER_LR,
     progress: bool = False,
@@ -192,7 +192,7 @@ def build(
     engine = HPOEngine(
         problems=[outer, inner],
         dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
-        config=mlo.EngineConfig(train_iters=iters, valid_step=max(1, iters // 5), compile=backend, progress=progress),
+        config=mlo.EngineConfig(train_iters=iters, valid_step=max(1, iters // 5), compile=compile, progress=progress),
     )
     engine.data, engine.method = data, method
     return engine
@@ -236,7 +236,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--iters", type=int, default=2000, help=f"inner steps per method (outer steps: iters/{UNROLL})")
-    parser.add_argument("--backend", default="fx", choices=("eager", "fx", "inductor"))
+    parser.add_argument("--compile", default="fx", choices=("eager", "fx", "inductor"))
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -265,12 +265,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         n = {k: len(v[1]) for k, v in data.items()}
         print(
             f"breast cancer: {data['train'][0].shape[1]} features ({N_NOISE} noise), "
-            f"train/val/test = {n['train']}/{n['val']}/{n['test']}, {args.iters} inner steps, backend={args.backend}"
+            f"train/val/test = {n['train']}/{n['val']}/{n['test']}, {args.iters} inner steps, compile={args.compile}"
         )
         rows = baselines(args.iters, data, args.seed)
         for method in args.methods:
             start = time.perf_counter()
-            engine = build(method, args.iters, args.seed, args.backend, progress=True)
+            engine = build(method, args.iters, args.seed, args.compile, progress=True)
             engine.run()
             rows.append({"method": method, **evaluate(engine), "seconds": time.perf_counter() - start})
     finally:

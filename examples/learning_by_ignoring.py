@@ -214,7 +214,7 @@ class LBIEngine(mlo.Engine):
 def build(
     iters: int = 1000,
     seed: int = 0,
-    backend: str = "fx",
+    compile: str = "fx",
     *,
     method: str = "darts",
     reweight_lr: float = RW_LR,
@@ -261,7 +261,7 @@ def build(
     engine = LBIEngine(
         problems=[reweight, finetune, pretrain],
         dependencies={"u2l": {reweight: [pretrain]}, "l2u": {pretrain: [finetune], finetune: [reweight]}},
-        config=mlo.EngineConfig(train_iters=iters, valid_step=max(1, iters // 5), compile=backend, progress=progress),
+        config=mlo.EngineConfig(train_iters=iters, valid_step=max(1, iters // 5), compile=compile, progress=progress),
     )
     engine.data = data
     return engine
@@ -286,7 +286,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=1000, help="steps of each level (all unroll 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["darts", "cg"], choices=METHODS, help="one LBI row each")
-    parser.add_argument("--backend", default="fx", choices=("eager", "fx", "inductor"))
+    parser.add_argument("--compile", default="fx", choices=("eager", "fx", "inductor"))
     return parser.parse_args(argv)
 
 
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(
             f"digits: source {n['source']} (rotated and noised, {data['corrupt'].float().mean().item():.0%} "
             f"wrong labels), target train/val/test = {n['train']}/{n['val']}/{n['test']}, "
-            f"{args.iters} steps per level, backend={args.backend}, seeds {args.seeds}"
+            f"{args.iters} steps per level, compile={args.compile}, seeds {args.seeds}"
         )
         # NOTE: with reweight_lr=0 the method only changes a hypergradient that is multiplied by 0, so the
         # frozen rows use the first (cheapest, by default) method
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for label, kwargs in variants.items():
             runs, start = [], time.perf_counter()
             for seed in args.seeds:
-                engine = build(args.iters, seed, args.backend, progress=True, **kwargs)
+                engine = build(args.iters, seed, args.compile, progress=True, **kwargs)
                 engine.label = f"{label} s{seed}"
                 engine.run()
                 runs.append(evaluate(engine))

@@ -143,7 +143,7 @@ class MAMLEngine(mlo.Engine):
 def build(
     iters: int = META_STEPS,
     seed: int = 0,
-    backend: str = "fx",
+    compile: str = "fx",
     *,
     steps: int = STEPS,
     meta_batch: int = META_BATCH,
@@ -180,7 +180,7 @@ def build(
         problems=[meta, adapt],
         dependencies={"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}},
         config=mlo.EngineConfig(
-            train_iters=train_iters, valid_step=max(1, train_iters // 5), compile=backend, progress=progress
+            train_iters=train_iters, valid_step=max(1, train_iters // 5), compile=compile, progress=progress
         ),
     )
     # NOTE: a different seed stream from the training and meta-test tasks
@@ -245,7 +245,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=STEPS, help="adaptation steps during meta-training")
     parser.add_argument("--test-tasks", type=int, default=N_TEST_TASKS)
-    parser.add_argument("--backend", default="fx", choices=("eager", "fx", "inductor"))
+    parser.add_argument("--compile", default="fx", choices=("eager", "fx", "inductor"))
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -270,11 +270,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         test_tasks = sample_tasks(args.test_tasks, args.seed + 20_000, n_query=TEST_QUERY)
         print(
             f"sinusoids: {args.meta_steps} meta-steps x {META_BATCH} tasks, K={K_SUPPORT} support / {K_QUERY} query, "
-            f"{args.steps} SGD steps (lr {INNER_LR}) per task, backend={args.backend}; "
+            f"{args.steps} SGD steps (lr {INNER_LR}) per task, compile={args.compile}; "
             f"meta-test on {args.test_tasks} tasks x {TEST_QUERY} query points"
         )
         start = time.perf_counter()
-        engine = build(args.meta_steps, args.seed, args.backend, steps=args.steps, progress=True)
+        engine = build(args.meta_steps, args.seed, args.compile, steps=args.steps, progress=True)
         engine.run()
         rows = [
             {

@@ -1,6 +1,6 @@
 """Command line: run an MLO program and print or draw what mlocompile compiled.
 
-    mlocompile run   EXAMPLE [--backend fx] [--iters N] [--out DIR] [--nproc N]
+    mlocompile run   EXAMPLE [--compile fx] [--iters N] [--out DIR] [--nproc N]
     mlocompile ir    EXAMPLE          # the annotated IR
     mlocompile code  EXAMPLE          # the generated Python of every step
     mlocompile graph EXAMPLE -o FILE  # diagram (.svg/.png/.pdf/.dot), --kind program|step
@@ -28,7 +28,7 @@ from mlocompile.errors import CliError, MLOError
 def load_engine(target: str, **overrides: Any) -> Any:
     """Build the Engine that ``target`` (``path.py`` or ``module:function``) returns.
 
-    ``overrides`` (e.g. ``iters``, ``backend``) are passed to the builder when its
+    ``overrides`` (e.g. ``iters``, ``compile``) are passed to the builder when its
     signature accepts them, and applied to the engine's config otherwise.
     """
     from mlocompile.engine import Engine
@@ -57,8 +57,8 @@ def load_engine(target: str, **overrides: Any) -> Any:
         raise CliError(f"{target!r}: {func_name}() returned {type(engine).__name__}, expected an mlocompile Engine")
     if overrides.get("iters") is not None:
         engine.config.train_iters = overrides["iters"]
-    if overrides.get("backend") is not None:
-        engine.config.compile = engine.executor.backend = overrides["backend"]
+    if overrides.get("compile") is not None:
+        engine.config.compile = overrides["compile"]
     return engine
 
 
@@ -87,7 +87,7 @@ def _launch(args: argparse.Namespace) -> None:
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "mlocompile", "run", args.example]
-    for flag, value in (("--backend", args.backend), ("--iters", args.iters), ("--out", args.out)):
+    for flag, value in (("--compile", args.compile), ("--iters", args.iters), ("--out", args.out)):
         if value is not None:
             cmd += [flag, str(value)]
     code = subprocess.call(cmd)
@@ -99,7 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if args.nproc > 1 and "RANK" not in os.environ:
         _launch(args)
         return
-    engine = load_engine(args.example, iters=args.iters, backend=args.backend)
+    engine = load_engine(args.example, iters=args.iters, compile=args.compile)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         engine.config.strategy = "distributed"
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.example.split(":")[0]))[0])
@@ -129,7 +129,7 @@ def _report(engine: Any, out: str) -> None:
 def _cmd_show(args: argparse.Namespace) -> None:
     import mlocompile as mlo
 
-    compiled = mlo.compile(load_engine(args.example, backend=args.backend))
+    compiled = mlo.compile(load_engine(args.example, compile=args.compile))
     if args.command == "ir":
         print(compiled.ir, end="")
     elif args.command == "code":
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train an example and write its IR, code, diagrams and metrics")
     run.add_argument("example")
-    run.add_argument("--backend", choices=["eager", "fx", "inductor"])
+    run.add_argument("--compile", choices=["eager", "fx", "inductor"])
     run.add_argument("--iters", type=int)
     run.add_argument("--out", help="output folder (default out/<example>)")
     run.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (wraps torchrun)")
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("example")
-        p.add_argument("--backend", choices=["fx", "inductor"])
+        p.add_argument("--compile", choices=["fx", "inductor"])
         if name == "graph":
             p.add_argument("-o", "--output", required=True)
             p.add_argument("--kind", default="program", help="program (default) or step")

@@ -8,7 +8,7 @@ from mlocompile.errors import ProgramError
 
 METHODS = ("darts", "neumann", "cg", "itd")
 PRECISIONS = ("fp32", "bf16", "fp16")
-BACKENDS = ("eager", "fx", "inductor")
+COMPILE_MODES = ("eager", "fx", "inductor")
 
 
 @dataclass
@@ -102,8 +102,8 @@ class EngineConfig:
 
     def validate(self) -> None:
         """Raise ProgramError for any out-of-range field."""
-        if self.compile not in BACKENDS:
-            raise ProgramError(f"EngineConfig.compile={self.compile!r}; use one of {list(BACKENDS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ProgramError(f"EngineConfig.compile={self.compile!r}; use one of {list(COMPILE_MODES)}")
         if self.early_stopping_mode not in ("min", "max"):
             raise ProgramError(f"EngineConfig.early_stopping_mode={self.early_stopping_mode!r}; use 'min' or 'max'")
         if self.train_iters < 0 or self.valid_step < 1:

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mlocompile import checkpoint, distributed
-from mlocompile.codegen import StepExecutor
 from mlocompile.compiled import CompiledProgram
+from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.config import EngineConfig
 from mlocompile.dependencies import check_uses, declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
 from mlocompile.errors import CheckpointError
@@ -77,11 +77,9 @@ class Engine:
             n: lower_optimizer(p.optimizer, p.named_trainable_parameters())  # type: ignore[arg-type]  # attached
             for n, p in self.program.problems.items()
         }
-        self.executor = StepExecutor(self.fp, self.program, self.optimizers, self.config.compile)
-        self.executor.memory_budget = self.config.memory_budget
-        # roll_back caches keep old parameters: then updates must not overwrite them (itd: see _donated)
-        self.executor.donate = not self.config.roll_back
-        self.runner = StepRunner(self.program, self.fp, self.optimizers, self.executor, self.config.roll_back)
+        self.compiler = Compiler(self.fp, self.program, self.optimizers)
+        opts = self.compile_options
+        self.runner = StepRunner(self.program, self.fp, self.optimizers, self.compiler, opts, self.config.roll_back)
         self.schedule = Schedule(self.program, self._start_loop, self._step_once, self._redo)
         self.history: list[dict[str, Any]] = []
         self._metrics: MetricsLogger | None = None
@@ -109,7 +107,6 @@ class Engine:
             return
         distributed.broadcast_parameters(p.module for p in self.program.problems.values() if p.module is not None)
         distributed.shard_problems(self.program.problems.values(), self.rank, self.world_size)
-        self.executor.world_size = self.world_size
 
     def run(self) -> None:
         """Train until ``train_iters`` global steps, with validation, early stopping and progress.
@@ -222,7 +219,6 @@ class Engine:
         return True
 
     def _execute(self, name: str, batch: Any, update: bool) -> None:
-        self._sync_executor()
         count = self.schedule.counters[name].count
         where = f"at global step {self.global_step} (local step {count})"
         result = self.runner.run(name, batch, update, where, self.config.check_finite)
@@ -233,13 +229,17 @@ class Engine:
             self._record(record)
             log.info("[%s] step %d local %d %s", name, self.global_step, count, record)
 
-    def _sync_executor(self) -> None:
-        # NOTE: EngineConfig may be edited between steps; the executor's cache key covers these
-        self.executor.backend = self.config.compile
-        self.executor.memory_budget = self.config.memory_budget
-        self.executor.init_sources = {
-            n: p._init_source.name for n, p in self.program.problems.items() if p._init_source is not None
-        }
+    def compile_options(self) -> CompileOptions:
+        """How steps are compiled now (``EngineConfig`` may be edited between steps)."""
+        sources = {n: p._init_source.name for n, p in self.program.problems.items() if p._init_source is not None}
+        return CompileOptions(
+            compile=self.config.compile,
+            memory_budget=self.config.memory_budget,
+            world_size=self.world_size,
+            # roll_back caches keep old parameters: then updates must not overwrite them
+            donate=not self.config.roll_back,
+            init_sources=tuple(sorted(sources.items())),
+        )
 
     # -- compilation support ---------------------------------------------------------------------
     def peek_batch(self, name: str) -> Any:
@@ -268,17 +268,16 @@ class Engine:
     def compile(self) -> CompiledProgram:
         """Trace every problem's step now (normally done lazily) and return the CompiledProgram."""
         self._check_program()
-        self._sync_executor()
         for name in self.program.problems:
             variants = [True] if self.program.problems[name].config.gradient_accumulation == 1 else [False, True]
             for update in variants:
                 inputs = self.step_inputs(name, self.peek_batch(name))
                 if self.config.compile == "eager":
                     continue
-                self.executor.traced(StepVariant(name, update), inputs)
-        latest = self.executor.latest
+                self.compiler.traced(StepVariant(name, update), inputs, self.compile_options())
+        latest = self.compiler.latest
         graphs = {title: latest[title].gm for title in sorted(latest)}
-        return CompiledProgram(self.program, graphs, self.executor.report)
+        return CompiledProgram(self.program, graphs, self.compiler.report)
 
     def gradients(self, name: str, batch: Any = None) -> dict[str, Tensor]:
         """Return problem ``name``'s full gradient (direct + hypergradients) without stepping.
@@ -288,7 +287,6 @@ class Engine:
         unroll windows, exactly as ``name``'s next update would.
         """
         self._check_program()
-        self._sync_executor()
         return self.runner.gradients(name, self.peek_batch(name) if batch is None else batch)
 
     # -- state ----------------------------------------------------------------------------------

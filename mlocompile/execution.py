@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mlocompile.codegen import StepExecutor
+from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.errors import NonFiniteError
 from mlocompile.functional import FunctionalProgram
 from mlocompile.optim import FunctionalOptimizer
@@ -80,10 +81,12 @@ class StepRunner:
         program: ProgramGraph,
         fp: FunctionalProgram,
         optimizers: dict[str, FunctionalOptimizer],
-        executor: StepExecutor,
+        compiler: Compiler,
+        options: Callable[[], CompileOptions],
         roll_back: bool,
     ) -> None:
-        self.program, self.fp, self.optimizers, self.executor = program, fp, optimizers, executor
+        self.program, self.fp, self.optimizers, self.compiler = program, fp, optimizers, compiler
+        self.options = options  # read at every step: EngineConfig may change between steps
         self.runs: dict[str, ProblemRun] = {}
         for name, problem in program.problems.items():
             cfg = problem.config
@@ -119,7 +122,7 @@ class StepRunner:
         ``where`` (e.g. "at global step 3 (local step 2)") goes into error messages.
         """
         run, problem = self.runs[name], self.program.problems[name]
-        out = self.executor.run(StepVariant(name, update), self.inputs(name, batch, run.acc))
+        out = self.compiler.run(StepVariant(name, update), self.inputs(name, batch, run.acc), self.options())
         loss = float(out["loss"])
         logs = {k: float(v) for k, v in out["logs"].items()}
         cfg = problem.config
@@ -149,7 +152,7 @@ class StepRunner:
 
     def gradients(self, name: str, batch: Any) -> dict[str, Tensor]:
         """``name``'s full gradient on ``batch`` (direct + hypergradients), changing nothing."""
-        out = self.executor.run(StepVariant(name, update=False), self.inputs(name, batch))
+        out = self.compiler.run(StepVariant(name, update=False), self.inputs(name, batch), self.options())
         return dict(out["acc"])
 
     def write_buffers(self, new: dict[str, dict[str, Tensor]]) -> None:

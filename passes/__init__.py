@@ -27,6 +27,8 @@ from passes.order_vjps import check_no_jacobians, order_vjps
 from passes.reinplace import reinplace_pointwise
 from passes.report import PassRecord, PassReport
 from passes.simplify import simplify_no_ops
+from passes.split_foreach_norms import split_foreach_norms
+from passes.thread_rng_order import thread_rng_order
 
 GraphPass = Callable[..., GraphModule]
 # Passes that write in place: only these (and passes after them) may leave mutation in the IR
@@ -43,6 +45,8 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "insert_checkpoints": insert_checkpoints,
     "reinplace_pointwise": reinplace_pointwise,
     "plan_static_buffers": plan_static_buffers,
+    "split_foreach_norms": split_foreach_norms,
+    "thread_rng_order": thread_rng_order,
 }
 
 
@@ -113,6 +117,14 @@ def run_graph_pipeline(
     return gm
 
 
+def run_inductor_lowering(gm: GraphModule, title: str, report: PassReport | None = None) -> GraphModule:
+    """Prepare an optimized step graph for inductor (run on a copy: the fx fallback keeps the original)."""
+    done: list[str] = ["(graph pipeline)"]
+    gm = run_pass(gm, "split_foreach_norms", title, done, report)  # inductor fuses per-tensor norms, not foreach
+    gm = run_pass(gm, "thread_rng_order", title, done, report)  # itd replays: swaps and draws keep graph order
+    return gm
+
+
 __all__ = [
     "GRAPH_PASSES",
     "cast_for_amp",
@@ -127,7 +139,10 @@ __all__ = [
     "plan_static_buffers",
     "reinplace_pointwise",
     "run_graph_pipeline",
+    "run_inductor_lowering",
     "run_pass",
     "run_program_passes",
     "simplify_no_ops",
+    "split_foreach_norms",
+    "thread_rng_order",
 ]

@@ -6,7 +6,7 @@ keeps what they fragment: a Meta-Weight-Net cycle that holds 1.7 MB of live
 tensors left a transient resident set of 20-55 MB. This pass plans memory the way
 a compiler plans registers: each large temporary gets a buffer allocated once, at
 compile time, shared with every other temporary of the same shape and dtype whose
-lifetime does not overlap (graphs of one executor run one at a time, so they share
+lifetime does not overlap (graphs of one compiler run one at a time, so they share
 buffers too), and the op writes into it through its ``out=`` variant. The values
 are unchanged (the same kernels run); the steady state allocates nothing large.
 """
@@ -68,7 +68,7 @@ def plan_static_buffers(
     closure. Buffers are keyed by (shape, dtype, device); a node takes a buffer whose
     previous occupant's last use is strictly before the node (so it never reads what
     it writes), else a new one. ``pool`` (kept by the caller) holds the buffers, so
-    the graphs of one executor, which never run at the same time, share them.
+    the graphs of one compiler, which never run at the same time, share them.
     ``device`` is where the step's tensors live (node meta holds ``meta``-device
     values); None (inputs on several devices) plans nothing.
 

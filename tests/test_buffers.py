@@ -72,6 +72,6 @@ def test_training_is_bitwise_unchanged(method, float64, monkeypatch):
     planned, engine = _mwn_params(method, True)
     plain, _ = _mwn_params(method, False)
     assert torch.equal(planned, plain)
-    graphs = [t.gm for t in engine.executor.latest.values()]
+    graphs = [t.gm for t in engine.compiler.latest.values()]
     assert sum(len(_planned(gm)) for gm in graphs) > 0
-    assert sum(len(b) for b in engine.executor.buffers.values()) < sum(len(_planned(gm)) for gm in graphs)
+    assert sum(len(b) for b in engine.compiler.buffers.values()) < sum(len(_planned(gm)) for gm in graphs)

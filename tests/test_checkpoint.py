@@ -23,14 +23,14 @@ def _itd_outer_step(k: int, **engine_kw):
     for _ in range(k):
         engine.train_step()  # the outer steps at the k-th; its window stays for inspection
     inputs = engine.step_inputs("outer", engine.peek_batch("outer"))
-    return engine, engine.executor.traced(StepVariant("outer"), inputs), flatten_inputs(inputs)
+    return engine, engine.compiler.traced(StepVariant("outer"), inputs, engine.compile_options()), flatten_inputs(inputs)
 
 
 def test_itd_k20_peak_cut_by_40_percent_with_identical_results():
     engine, _, flat = _itd_outer_step(20)
     variant = StepVariant("outer")
-    traced = trace_step(engine.executor.step_fn(variant), flat, variant.title)
-    gm = run_graph_pipeline(traced.gm, variant.title, engine.executor.param_sizes())  # functional: no reinplacing
+    traced = trace_step(engine.compiler.step_fn(variant, engine.compile_options()), flat, variant.title)
+    gm = run_graph_pipeline(traced.gm, variant.title, engine.compiler.param_sizes())  # functional: no reinplacing
     remat = insert_checkpoints(copy.deepcopy(gm), memory_budget=0.5)
     before, after = estimate_peak_memory(gm)[0], estimate_peak_memory(remat)[0]
     assert after < before
@@ -51,7 +51,7 @@ def test_engine_option_runs_the_pass_and_trains_identically():
         # the segmented replay sums the λ-cotangent in another order: equal up to round-off
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     passes_run = {
-        g: [r.name for r in budgeted.executor.report.records if r.graph == g] for g in ("step_inner", "step_outer")
+        g: [r.name for r in budgeted.compiler.report.records if r.graph == g] for g in ("step_inner", "step_outer")
     }
     assert "insert_checkpoints" in passes_run["step_inner"]  # the liveness pass on the plain step
     assert "insert_checkpoints" not in passes_run["step_outer"]  # the itd replay is checkpointed instead
@@ -61,11 +61,11 @@ def test_engine_option_runs_the_pass_and_trains_identically():
 
 def _maml_meta_step(maml, steps: int, **engine_kw):
     engine = maml.build(iters=1, steps=steps, meta_batch=1)
-    engine.config.memory_budget = engine.executor.memory_budget = engine_kw.get("memory_budget")
+    engine.config.memory_budget = engine_kw.get("memory_budget")
     for _ in range(steps):
         engine.train_step()
     inputs = engine.step_inputs("meta", engine.peek_batch("meta"))
-    return engine.executor.traced(StepVariant("meta"), inputs).gm, flatten_inputs(inputs).tensors
+    return engine.compiler.traced(StepVariant("meta"), inputs, engine.compile_options()).gm, flatten_inputs(inputs).tensors
 
 
 def test_maml_itd_k20_memory_budget_cuts_measured_peak_by_40_percent():

@@ -102,7 +102,7 @@ def test_no_jacobian_shaped_nodes_and_check_fires():
 
     engine = mwn_engine("cg")
     compiled = mlo.compile(engine)
-    sizes = engine.executor.param_sizes()
+    sizes = engine.compiler.param_sizes()
     for gm in compiled.graph_modules.values():
         check_no_jacobians(gm, sizes)
     # a graph that does materialize a d_inner x d_outer matrix is rejected
@@ -117,12 +117,12 @@ def test_no_jacobian_shaped_nodes_and_check_fires():
 def test_pass_report_and_cse_dce_preserve_semantics():
     engine = mwn_engine("neumann")
     inputs = engine.step_inputs("outer", engine.peek_batch("outer"))
-    eager = engine.executor.step_fn(StepVariant("outer"))(inputs)
-    traced = engine.executor.traced(StepVariant("outer"), inputs)
+    eager = engine.compiler.step_fn(StepVariant("outer"), engine.compile_options())(inputs)
+    traced = engine.compiler.traced(StepVariant("outer"), inputs, engine.compile_options())
     out = traced(flatten_inputs(inputs))
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(out[key], eager[key], rtol=1e-12, atol=0)
-    rows = [r for r in engine.executor.report.records if r.graph == "step_outer"]
+    rows = [r for r in engine.compiler.report.records if r.graph == "step_outer"]
     names = ["simplify_no_ops", "eliminate_common_subexpressions", "eliminate_dead_code", "reinplace_pointwise"]
     names.append("plan_static_buffers")
     assert [r.name for r in rows] == names
@@ -135,12 +135,12 @@ def test_graph_is_reused_and_retraced_on_new_shapes():
     engine = mwn_engine("darts")
     for _ in range(5):
         engine.train_step()
-    n_traced = len(engine.executor._traced)
+    n_traced = len(engine.compiler._traced)
     assert n_traced == 2  # one graph per problem, reused every step
     engine.program.problems["inner"].train_data_loader = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
     engine.program.problems["inner"]._iterators = None
     engine.train_step()
-    assert len(engine.executor._traced) > n_traced
+    assert len(engine.compiler._traced) > n_traced
 
 
 def test_shared_step_counters_are_one_input_and_retrace_when_they_differ():
@@ -160,7 +160,7 @@ def test_shared_step_counters_are_one_input_and_retrace_when_they_differ():
         for _ in range(3):
             engine.train_step()
         runs[backend] = _params(engine)
-        traced[backend] = len(engine.executor._traced)
+        traced[backend] = len(engine.compiler._traced)
     torch.testing.assert_close(runs["fx"], runs["eager"], rtol=1e-12, atol=1e-14)
     assert traced["fx"] == 3  # inner, outer with shared counters, outer with one counter apart
 
@@ -185,7 +185,7 @@ def test_flat_inputs_key_tells_shared_from_distinct_inputs():
 def test_direct_runner_runs_the_graph_bit_for_bit_and_keeps_tracebacks():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from mlocompile.codegen import direct_runner
+    from mlocompile.backends import direct_runner
 
     def step(w, x, idx):
         h = torch.relu(x @ w.t())

@@ -82,7 +82,7 @@ def test_retrained_derived_architecture_learns(darts: ModuleType, searched: tupl
 
 def test_main_prints_table(darts: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     torch.set_num_threads(2)
-    args = ["--iters", "2", "--random", "2", "--retrains", "1", "--retrain-steps", "5", "--backend", "eager"]
+    args = ["--iters", "2", "--random", "2", "--retrains", "1", "--retrain-steps", "5", "--compile", "eager"]
     rows = darts.main(args)
     out = capsys.readouterr().out
     assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"

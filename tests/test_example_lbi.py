@@ -87,7 +87,7 @@ def test_unknown_method_is_rejected(lbi: ModuleType) -> None:
 
 def test_main_prints_table(lbi: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     torch.set_num_threads(2)
-    rows = lbi.main(["--iters", "10", "--seeds", "0", "1", "--methods", "darts", "--backend", "eager"])
+    rows = lbi.main(["--iters", "10", "--seeds", "0", "1", "--methods", "darts", "--compile", "eager"])
     out = capsys.readouterr().out
     assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"
     torch.set_num_threads(1)

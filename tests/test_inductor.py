@@ -41,8 +41,8 @@ def test_inductor_failure_falls_back_to_fx_with_a_warning(monkeypatch):
 
 
 def test_foreach_norms_are_split_for_inductor_with_the_same_values():
-    from mlocompile.codegen import _split_foreach_norms
     from mlocompile.functional import tree_norm
+    from passes.split_foreach_norms import split_foreach_norms
     from programs import step_graph
 
     def f(a, b):
@@ -55,7 +55,7 @@ def test_foreach_norms_are_split_for_inductor_with_the_same_values():
 
     assert "aten._foreach_norm.Scalar" in targets()
     want = gm(a, b)
-    _split_foreach_norms(gm)
+    split_foreach_norms(gm)
     assert "aten._foreach_norm.Scalar" not in targets()
     assert targets().count("aten.linalg_vector_norm.default") == 3  # one per tensor, one over the norms
     assert torch.equal(gm(a, b), want)

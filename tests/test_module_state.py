@@ -107,11 +107,11 @@ def test_config_change_mid_run_retraces_and_matches_eager(field, value):
 def test_memory_budget_change_mid_run_retraces():
     engine, _, _ = run("mlp", "itd", "fx", unroll=4, steps=2)
     before = engine.gradients("upper")["p"]
-    traced = len(engine.executor._traced)
+    traced = len(engine.compiler._traced)
     engine.config.memory_budget = 0.5
     after = engine.gradients("upper")["p"]
-    assert len(engine.executor._traced) == traced + 1
-    segmented = engine.executor.latest["step_upper_accumulate"].gm
+    assert len(engine.compiler._traced) == traced + 1
+    segmented = engine.compiler.latest["step_upper_accumulate"].gm
     assert any("mlo.segment" in n.meta for n in segmented.graph.nodes)
     torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-15)
 

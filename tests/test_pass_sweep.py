@@ -40,6 +40,8 @@ SWEEP_OPTIONS = {
     "insert_checkpoints": lambda gm, p: {"memory_budget": 0.9},
     "reinplace_pointwise": lambda gm, p: {"donated": _donated(gm, p)},
     "plan_static_buffers": lambda gm, p: {"device": torch.device("cpu"), "pool": {}, "min_bytes": 64},
+    "split_foreach_norms": lambda gm, p: {},
+    "thread_rng_order": lambda gm, p: {},
 }
 
 
@@ -64,7 +66,7 @@ def traced_steps(model: str, method: str):
             for name in ("lower", "upper"):
                 flat = flatten_inputs(engine.step_inputs(name, engine.peek_batch(name)))
                 variant = StepVariant(name, update=True)
-                traced = trace_step(engine.executor.step_fn(variant), flat, variant.title)
+                traced = trace_step(engine.compiler.step_fn(variant, engine.compile_options()), flat, variant.title)
                 graphs.append((name, traced.gm, flat.tensors))
             _GRAPHS[key] = graphs
         finally:

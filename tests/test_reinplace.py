@@ -58,9 +58,9 @@ def _functional_and_reinplaced(engine, name):
     inputs = engine.step_inputs(name, engine.peek_batch(name))
     flat = flatten_inputs(inputs)
     variant = StepVariant(name)
-    fresh = trace_step(engine.executor.step_fn(variant), flat, variant.title).gm
-    functional = run_graph_pipeline(fresh, variant.title, engine.executor.param_sizes())
-    reinplaced = engine.executor.traced(variant, inputs, flat).gm
+    fresh = trace_step(engine.compiler.step_fn(variant, engine.compile_options()), flat, variant.title).gm
+    functional = run_graph_pipeline(fresh, variant.title, engine.compiler.param_sizes())
+    reinplaced = engine.compiler.traced(variant, inputs, engine.compile_options(), flat).gm
     return functional, reinplaced, flat.tensors
 
 

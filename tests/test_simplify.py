@@ -87,7 +87,7 @@ def test_step_graphs_shrink_and_train_the_same(float64):
             torch.cat(
                 [p.detach().flatten() for prob in engine.program.problems.values() for p in prob.module.parameters()]
             ),
-            sum(len(t.gm.graph.nodes) for t in engine.executor.latest.values()),
+            sum(len(t.gm.graph.nodes) for t in engine.compiler.latest.values()),
         )
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)
     assert runs[True][1] < runs[False][1] - 20

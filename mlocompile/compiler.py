@@ -1,0 +1,189 @@
+"""The compiler driver: build a problem's step, trace it, run the pass pipeline, hand it to a backend.
+
+Everything a compiled step depends on is in its cache key, as a guard would check
+it: the variant, the frozen ``CompileOptions`` (compile mode, memory budget, world
+size, donation, init sources), every problem's ``Config`` fields, the optimizer's
+structure, the inputs' shapes/dtypes/devices and static leaves, and the
+``training`` flag of every submodule. A change traces again; nothing is set on the
+compiler from outside.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import passes
+from mlocompile.backends import compile_with_inductor, direct_runner
+from mlocompile.functional import FunctionalProgram
+from mlocompile.optim import FunctionalOptimizer
+from mlocompile.program import ProgramGraph
+from mlocompile.step import StepFn, StepVariant, build_step
+from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
+from passes.buffers import BufferPool
+from passes.report import PassReport
+
+RETRACE_WARNING = 8  # distinct input shapes of one step before the compiler warns
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How steps are compiled: what the Engine's settings say at this step.
+
+    ``compile`` is ``EngineConfig.compile`` (one of ``config.COMPILE_MODES``); ``donate`` lets an fx update step write the
+    new parameters and optimizer state into its inputs (nothing but the engine holds
+    them: off under ``roll_back``); ``init_sources`` maps a problem to the one it starts
+    each unroll window from (``Problem.load_parameters_from``).
+    """
+
+    compile: str = "fx"
+    memory_budget: float | None = None
+    world_size: int = 1
+    donate: bool = False
+    init_sources: tuple[tuple[str, str], ...] = ()
+
+
+class Compiler:
+    """Builds, caches and runs every problem's step under given ``CompileOptions``.
+
+    Traced graphs are cached by their key (see the module docstring); the latest
+    graph per variant is what ``latest`` holds and ``CompiledProgram`` shows.
+    """
+
+    def __init__(
+        self, fp: FunctionalProgram, program: ProgramGraph, optimizers: dict[str, FunctionalOptimizer]
+    ) -> None:
+        self.fp, self.program, self.optimizers = fp, program, optimizers
+        self._fns: dict[tuple[Any, ...], StepFn] = {}
+        self._traced: dict[tuple[Any, ...], TracedStep] = {}
+        self.latest: dict[str, TracedStep] = {}
+        self.report = PassReport()
+        self.buffers: BufferPool = {}  # fx: static temporaries, shared by all steps
+        self._shapes: dict[str, set[tuple[Any, ...]]] = {}  # input shapes traced, per step graph
+
+    def config_key(self) -> tuple[Any, ...]:
+        """Every problem's ``Config`` fields, as a hashable key (a step reads them while it is built)."""
+        return tuple((n, _hashable(vars(p.config))) for n, p in self.program.problems.items())
+
+    def step_fn(self, variant: StepVariant, options: CompileOptions) -> StepFn:
+        """Return the (cached) pure step function of ``variant``."""
+        key = (variant, options.init_sources, options.world_size, options.memory_budget, self.config_key())
+        if key not in self._fns:
+            self._fns[key] = build_step(
+                self.fp,
+                self.program,
+                self.optimizers,
+                dict(options.init_sources),
+                variant,
+                options.world_size,
+                memory_budget=options.memory_budget,
+            )
+        return self._fns[key]
+
+    def run(self, variant: StepVariant, inputs: dict[str, Any], options: CompileOptions) -> dict[str, Any]:
+        """Run one step of ``variant`` on ``inputs``, compiled as ``options`` say."""
+        if options.compile == "eager":
+            return self.step_fn(variant, options)(inputs)
+        flat = flatten_inputs(inputs)
+        return self.traced(variant, inputs, options, flat)(flat)
+
+    def traced(
+        self, variant: StepVariant, inputs: dict[str, Any], options: CompileOptions, flat: FlatInputs | None = None
+    ) -> TracedStep:
+        """Return the compiled step for these inputs, tracing and optimizing it if new."""
+        flat = flatten_inputs(inputs) if flat is None else flat
+        opt_sig = self.optimizers[variant.problem].signature()
+        # NOTE: like guards, the key holds everything the trace read: a change retraces
+        key = (variant, options, opt_sig, flat.key(), self.config_key(), self.fp.training_flags())
+        traced = self._traced.get(key)
+        if traced is None:
+            traced = self._compile(variant, flat, options)
+            self._traced[key] = traced
+            self._warn_if_retracing(variant, flat)
+        self.latest[variant.title] = traced
+        return traced
+
+    def _compile(self, variant: StepVariant, flat: FlatInputs, options: CompileOptions) -> TracedStep:
+        traced = trace_step(self.step_fn(variant, options), flat, variant.title)
+        fx = options.compile == "fx"
+        cfg = self.program.problems[variant.problem].config
+        traced.gm = passes.run_graph_pipeline(
+            traced.gm,
+            variant.title,
+            self.param_sizes(),
+            self.report,
+            precision=cfg.precision,
+            keep_fp32_methods=cfg.amp_fp32_methods,
+            memory_budget=options.memory_budget,
+            inplace=fx,
+            donated=self._donated(variant, traced, flat, options) if fx else frozenset(),
+            buffers=self.buffers,
+            device=_common_device(flat.tensors),
+        )
+        if options.compile == "inductor":
+            lowered = passes.run_inductor_lowering(copy.deepcopy(traced.gm), variant.title, self.report)
+            traced.runner = compile_with_inductor(lowered, flat.tensors, variant.title)
+        traced.runner = traced.runner or direct_runner(traced.gm, variant.title)
+        return traced
+
+    def _warn_if_retracing(self, variant: StepVariant, flat: FlatInputs) -> None:
+        """Warn once per step when it has been traced for more than ``RETRACE_WARNING`` input signatures."""
+        shapes = self._shapes.setdefault(variant.title, set())
+        shapes.add(tuple(tuple(t.shape) for t in flat.tensors))
+        if len(shapes) == RETRACE_WARNING + 1:
+            warnings.warn(
+                f"{variant.title} has been traced for {len(shapes)} different input shapes; every new shape "
+                "traces (and compiles) the step again. Give batches one shape (DataLoader(drop_last=True), "
+                "padded sequences) or run with EngineConfig(compile='eager')",
+                stacklevel=5,
+            )
+
+    def _donated(
+        self, variant: StepVariant, traced: TracedStep, flat: FlatInputs, options: CompileOptions
+    ) -> frozenset[str]:
+        """Inputs an update step may overwrite: the problem's parameters and optimizer state.
+
+        The engine replaces them by the step's outputs, so their old values are dead
+        after the step, unless something else still holds them: a roll_back cache
+        (``options.donate`` is False then), an itd window, a problem started from another
+        one's parameters, or another input sharing the storage.
+        """
+        if not (options.donate and variant.update) or options.init_sources:
+            return frozenset()
+        if any(p.config.type == "itd" for p in self.program.problems.values()):
+            return frozenset()  # itd windows hold the parameters of every step of the unroll
+        prefix = f"params.{variant.problem}."
+        names = [n.meta["mlo.input"] for n in traced.gm.graph.nodes if n.op == "placeholder"]
+        ptrs = [t.untyped_storage().data_ptr() for t in flat.tensors]
+        return frozenset(
+            name
+            for name, ptr in zip(names, ptrs)
+            if (name.startswith(prefix) or (name.startswith("opt.") and not name.endswith(".step")))
+            and ptrs.count(ptr) == 1
+        )
+
+    def param_sizes(self) -> dict[str, int]:
+        """Flattened trainable-parameter count per problem."""
+        return {n: sum(p.numel() for p in prob.trainable_parameters()) for n, prob in self.program.problems.items()}
+
+
+def _hashable(fields: dict[str, Any]) -> tuple[Any, ...]:
+    """A config's fields as a hashable key (unhashable values by their repr)."""
+    out = []
+    for k, v in fields.items():
+        try:
+            hash(v)
+        except TypeError:
+            v = repr(v)
+        out.append((k, v))
+    return tuple(out)
+
+
+def _common_device(tensors: list[torch.Tensor]) -> torch.device | None:
+    """The one device a step's non-scalar inputs live on, or None if they span several."""
+    devices = {t.device for t in tensors if t.dim() > 0}
+    return devices.pop() if len(devices) == 1 else None
