@@ -1,4 +1,4 @@
-"""Side by side in one process: fx steps run by FX's own code vs by ``codegen.direct_runner``.
+"""Side by side in one process: fx steps run by FX's own code vs by ``backends.direct_runner``.
 
 Usage (from the repository root)::
 
