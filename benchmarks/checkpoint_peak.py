@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_peak.py [--steps 20] [--budget 0.5] [--repeats 30]
 
 Builds examples/maml.py with K adaptation steps and runs one meta-step, four ways: no
-checkpointing; the liveness pass (``insert_checkpoints``) alone; the itd replay cut into
+checkpointing; the liveness pass (``rematerialize``) alone; the itd replay cut into
 ⌈√K⌉ segments alone (``Config(itd_segments=...)``); and ``EngineConfig(memory_budget=b)``,
 which cuts the replay into ⌈1/b⌉ + 1 segments (the liveness pass skips segmented graphs). For each meta-step graph: the estimated peak (liveness walk over the
 IR, inputs included), the measured peak of tensors the step allocates (a dispatch mode
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from mlocompile.analysis import estimate_peak_memory  # noqa: E402
 from mlocompile.step import StepVariant  # noqa: E402
 from mlocompile.trace import flatten_inputs  # noqa: E402
-from passes.checkpoint import insert_checkpoints, measure_peak_memory  # noqa: E402
+from passes.rematerialize import measure_peak_memory, rematerialize  # noqa: E402
 from programs import load_example  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def _meta_step(maml, steps: int, budget: float | None, segments: int, with_pass:
     gm = engine.compiler.traced(StepVariant("meta"), inputs, engine.compile_options()).gm
     flat = flatten_inputs(inputs).tensors
     if with_pass and budget is None:  # the liveness pass alone, on the unsegmented graph
-        gm = insert_checkpoints(copy.deepcopy(gm), memory_budget=0.5)
+        gm = rematerialize(copy.deepcopy(gm), memory_budget=0.5)
     return gm, flat
 
 

@@ -166,7 +166,7 @@ def count_flops(runner: Any) -> int:
 def live_tensor_peak(runner: Any) -> int:
     """Peak bytes of tensor storages one cycle allocates and holds at once (runs the cycle).
 
-    Counted at the dispatcher (``passes.checkpoint.measure_peak_memory``): every tensor
+    Counted at the dispatcher (``passes.rematerialize.measure_peak_memory``): every tensor
     an op returns, storages once, released when collected; tensors that existed before
     the cycle (parameters, optimizer state, data) are kept alive and not counted, so an
     in-place update costs nothing and a functional one costs its new tensors. Unlike RSS,
@@ -174,7 +174,7 @@ def live_tensor_peak(runner: Any) -> int:
     """
     import torch
 
-    from passes.checkpoint import measure_peak_memory
+    from passes.rematerialize import measure_peak_memory
 
     gc.collect()
     before = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
@@ -210,7 +210,7 @@ def measure(workload: Any, impl: str, threads: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"workload": workload.name, "impl": impl, "threads": torch.get_num_threads()}
     out["loadavg_start"] = os.getloadavg()
     _import_for(impl)
-    import passes.checkpoint  # noqa: F401 - live_tensor_peak's tracker: loaded before the baselines, for every impl
+    import passes.rematerialize  # noqa: F401 - live_tensor_peak's tracker: loaded before the baselines, for every impl
 
     settle()
     rss_imports = rss_bytes()

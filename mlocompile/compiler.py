@@ -24,7 +24,7 @@ from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.step import StepFn, StepVariant, build_step
 from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
-from passes.buffers import BufferPool
+from passes.plan_static_buffers import BufferPool
 from passes.report import PassReport
 
 RETRACE_WARNING = 8  # distinct input shapes of one step before the compiler warns

@@ -16,11 +16,11 @@ from mlocompile.errors import IRVerificationError
 # Every node.meta key mlocompile uses: who writes it, who reads it.
 META_KEYS: dict[str, str] = {
     "mlo.problem": "trace (annotate) writes the problem whose loss/update made the node; printer, dot, amp read",
-    "mlo.role": "trace writes forward|grad|direct|hypergrad|comm|update|callback|io; printer, dot, checkpoint read",
+    "mlo.role": "trace writes forward|grad|direct|hypergrad|comm|update|callback|io; printer, dot, rematerialize read",
     "mlo.edge": "trace writes 'u2l'/'l2u' + endpoints for nodes inside a best-response product; printer reads",
     "mlo.path": "trace writes the VJP op id (e.g. 'outer.v0') a hypergradient node belongs to; printer reads",
     "mlo.input": "trace writes the input's path in the step's input tree (params.inner.0.weight); printer reads",
-    "mlo.remat": "insert_checkpoints writes, on a recomputed node, the name of the node it copies; printer reads",
+    "mlo.remat": "rematerialize writes, on a recomputed node, the name of the node it copies; printer reads",
     "mlo.segment": "itd writes 'sweep a-b' / 'replay a-b' on the steps of a checkpointed (segmented) unroll; printer reads",
     "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
 }

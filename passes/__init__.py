@@ -17,16 +17,16 @@ from torch.fx import GraphModule
 from mlocompile.errors import MLOError, PassError
 from mlocompile.ir import verify
 from mlocompile.program import ProgramGraph
-from passes.amp import cast_for_amp, precision_policy
-from passes.buffers import BufferPool, plan_static_buffers
-from passes.checkpoint import insert_checkpoints
-from passes.cse import eliminate_common_subexpressions
-from passes.dce import eliminate_dead_code
+from passes.cast_for_amp import cast_for_amp, precision_policy
+from passes.eliminate_common_subexpressions import eliminate_common_subexpressions
+from passes.eliminate_dead_code import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
 from passes.order_vjps import check_no_jacobians, order_vjps
-from passes.reinplace import reinplace_pointwise
+from passes.plan_static_buffers import BufferPool, plan_static_buffers
+from passes.reinplace_pointwise import reinplace_pointwise
+from passes.rematerialize import rematerialize
 from passes.report import PassRecord, PassReport
-from passes.simplify import simplify_no_ops
+from passes.simplify_no_ops import simplify_no_ops
 from passes.split_foreach_norms import split_foreach_norms
 from passes.thread_rng_order import thread_rng_order
 
@@ -42,7 +42,7 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "eliminate_dead_code": eliminate_dead_code,
     "eliminate_common_subexpressions": eliminate_common_subexpressions,
     "cast_for_amp": cast_for_amp,
-    "insert_checkpoints": insert_checkpoints,
+    "rematerialize": rematerialize,
     "reinplace_pointwise": reinplace_pointwise,
     "plan_static_buffers": plan_static_buffers,
     "split_foreach_norms": split_foreach_norms,
@@ -110,7 +110,7 @@ def run_graph_pipeline(
     # top cost more time than it saved there (MAML K=20: 0.45x -> 0.38x peak for +6% time)
     segmented = any("mlo.segment" in n.meta for n in gm.graph.nodes)
     if memory_budget is not None and not segmented:  # last: CSE after it would merge recomputations back
-        gm = run_pass(gm, "insert_checkpoints", title, done, report, memory_budget=memory_budget)
+        gm = run_pass(gm, "rematerialize", title, done, report, memory_budget=memory_budget)
     if inplace:  # very last: other passes treat mutating nodes as impure
         gm = run_pass(gm, "reinplace_pointwise", title, done, report, donated=donated)
         gm = run_pass(gm, "plan_static_buffers", title, done, report, device=device, pool=buffers)
@@ -134,7 +134,7 @@ __all__ = [
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "enumerate_paths",
-    "insert_checkpoints",
+    "rematerialize",
     "order_vjps",
     "plan_static_buffers",
     "reinplace_pointwise",

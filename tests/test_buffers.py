@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from passes import GRAPH_PASSES
-from passes.buffers import out_variant, plan_static_buffers
+from passes.plan_static_buffers import out_variant, plan_static_buffers
 from programs import mwn_engine, step_graph
 
 aten = torch.ops.aten

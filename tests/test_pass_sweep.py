@@ -37,7 +37,7 @@ SWEEP_OPTIONS = {
     "eliminate_dead_code": lambda gm, p: {},
     "eliminate_common_subexpressions": lambda gm, p: {},
     "cast_for_amp": lambda gm, p: {"policy": lambda node: "fp32"},
-    "insert_checkpoints": lambda gm, p: {"memory_budget": 0.9},
+    "rematerialize": lambda gm, p: {"memory_budget": 0.9},
     "reinplace_pointwise": lambda gm, p: {"donated": _donated(gm, p)},
     "plan_static_buffers": lambda gm, p: {"device": torch.device("cpu"), "pool": {}, "min_bytes": 64},
     "split_foreach_norms": lambda gm, p: {},

@@ -8,7 +8,7 @@ import torch
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs, trace_step
 from passes import run_graph_pipeline
-from passes.reinplace import reinplace_pointwise
+from passes.reinplace_pointwise import reinplace_pointwise
 from programs import chain_engine, mwn_engine, step_graph
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.simplify import simplify_no_ops
+from passes.simplify_no_ops import simplify_no_ops
 from programs import mwn_engine, step_graph
 
 

@@ -14,7 +14,7 @@ from mlocompile.ir import format_graph
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs, trace_step
 from passes import run_graph_pipeline
-from passes.checkpoint import insert_checkpoints, measure_peak_memory
+from passes.rematerialize import measure_peak_memory, rematerialize
 from programs import load_example, mwn_engine
 
 
@@ -31,7 +31,7 @@ def test_itd_k20_peak_cut_by_40_percent_with_identical_results():
     variant = StepVariant("outer")
     traced = trace_step(engine.compiler.step_fn(variant, engine.compile_options()), flat, variant.title)
     gm = run_graph_pipeline(traced.gm, variant.title, engine.compiler.param_sizes())  # functional: no reinplacing
-    remat = insert_checkpoints(copy.deepcopy(gm), memory_budget=0.5)
+    remat = rematerialize(copy.deepcopy(gm), memory_budget=0.5)
     before, after = estimate_peak_memory(gm)[0], estimate_peak_memory(remat)[0]
     assert after < before
     ref, out = gm(*flat.tensors), remat(*flat.tensors)
@@ -53,8 +53,8 @@ def test_engine_option_runs_the_pass_and_trains_identically():
     passes_run = {
         g: [r.name for r in budgeted.compiler.report.records if r.graph == g] for g in ("step_inner", "step_outer")
     }
-    assert "insert_checkpoints" in passes_run["step_inner"]  # the liveness pass on the plain step
-    assert "insert_checkpoints" not in passes_run["step_outer"]  # the itd replay is checkpointed instead
+    assert "rematerialize" in passes_run["step_inner"]  # the liveness pass on the plain step
+    assert "rematerialize" not in passes_run["step_outer"]  # the itd replay is checkpointed instead
     ir = mlo.compile(budgeted).ir
     assert "segment=sweep 0-2" in ir and "segment=replay 4-6" in ir  # ⌈1/0.5⌉ + 1 = 3 segments
 
@@ -103,8 +103,8 @@ def _small_graph():
 
 def test_golden_small_graph(golden):
     gm, args = _small_graph()
-    remat = insert_checkpoints(copy.deepcopy(gm), memory_budget=0.8)
-    golden("checkpoint/mlp4.txt", format_graph(remat, "mlp4"))
+    remat = rematerialize(copy.deepcopy(gm), memory_budget=0.8)
+    golden("rematerialize/mlp4.txt", format_graph(remat, "mlp4"))
     assert estimate_peak_memory(remat)[0] < estimate_peak_memory(gm)[0]
     assert all(torch.equal(a, b) for a, b in zip(gm(*args), remat(*args)))
 
@@ -112,8 +112,8 @@ def test_golden_small_graph(golden):
 def test_idempotent_under_a_byte_budget():
     gm, _ = _small_graph()
     budget = int(0.8 * estimate_peak_memory(gm)[0])
-    once = insert_checkpoints(copy.deepcopy(gm), memory_budget=budget)
-    twice = insert_checkpoints(copy.deepcopy(once), memory_budget=budget)
+    once = rematerialize(copy.deepcopy(gm), memory_budget=budget)
+    twice = rematerialize(copy.deepcopy(once), memory_budget=budget)
     assert format_graph(once, "g") == format_graph(twice, "g")
 
 

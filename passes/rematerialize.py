@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 from mlocompile.analysis import aliased_input, estimate_peak_memory
 
 aten = torch.ops.aten
-MAX_CHAIN = 6  # nodes recomputed for one checkpointed value, at most
+MAX_CHAIN = 6  # nodes recomputed for one rematerialized value, at most
 
 
 def _recomputable(node: Node) -> bool:
@@ -98,7 +98,7 @@ def _rematerialize(gm: GraphModule, node: Node, at: int, pos: dict[Node, int], l
     return True
 
 
-def insert_checkpoints(gm: GraphModule, *, memory_budget: float | int) -> GraphModule:
+def rematerialize(gm: GraphModule, *, memory_budget: float | int) -> GraphModule:
     """Recompute large intermediate values late instead of keeping them alive.
 
     Repeatedly finds the estimated peak, picks the largest value that is live across
