@@ -1,21 +1,25 @@
 """Compiler passes: the registry, the default pipelines and the verifying runner.
 
-Program passes rewrite the ProgramGraph; graph passes rewrite one step's
-GraphModule. After every graph pass the IR is verified (the IR may be invalid
-during a pass, never after).
+Program passes (``PROGRAM_PASSES``) rewrite the ProgramGraph; graph passes
+(``GRAPH_PASSES``) rewrite one step's GraphModule; checks (``GRAPH_CHECKS``) read it.
+Every one runs through the runner (``run_program_pass``, ``run_pass``, ``run_check``):
+after every graph pass the IR is verified (it may be invalid during a pass, never
+after), and a failure names the pass, the passes before it and the IR around the
+node it failed at. Each pass lives in the file named after it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from mlocompile.errors import MLOError, PassError
-from mlocompile.ir import verify
+from mlocompile.errors import MLOError, PassError, ProgramError
+from mlocompile.ir import format_graph, verify
 from mlocompile.program import ProgramGraph
 from passes.cast_for_amp import cast_for_amp, precision_policy
 from passes.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -31,9 +35,11 @@ from passes.split_foreach_norms import split_foreach_norms
 from passes.thread_rng_order import thread_rng_order
 
 GraphPass = Callable[..., GraphModule]
+GraphCheck = Callable[..., None]
+ProgramPass = Callable[[ProgramGraph], ProgramGraph]
 # Passes that write in place: only these (and passes after them) may leave mutation in the IR
 MUTATING_PASSES = frozenset({"reinplace_pointwise", "plan_static_buffers"})
-PROGRAM_PASSES: dict[str, Callable[[ProgramGraph], ProgramGraph]] = {
+PROGRAM_PASSES: dict[str, ProgramPass] = {
     "enumerate_paths": enumerate_paths,
     "order_vjps": order_vjps,
 }
@@ -48,33 +54,107 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "split_foreach_norms": split_foreach_norms,
     "thread_rng_order": thread_rng_order,
 }
+# Checks read a graph and raise IRVerificationError; they never rewrite it
+GRAPH_CHECKS: dict[str, GraphCheck] = {
+    "verify": verify,
+    "check_no_jacobians": check_no_jacobians,
+}
+CONTEXT_LINES = 3  # IR lines quoted on each side of the node a failing pass was at
+
+
+def run_program_pass(program: ProgramGraph, name: str, done: list[str]) -> ProgramGraph:
+    """Run one registered program pass.
+
+    A ``ProgramError`` (the user's program is invalid: its message says how to fix it)
+    passes through unchanged; any other failure is a PassError naming the pass and the
+    passes before it.
+    """
+    try:
+        program = PROGRAM_PASSES[name](program)
+    except ProgramError:
+        raise
+    except Exception as exc:
+        raise PassError(f"program pass {name} (after {done or 'nothing'}) failed: {_describe(exc)}") from exc
+    done.append(name)
+    return program
 
 
 def run_program_passes(program: ProgramGraph) -> ProgramGraph:
     """Run the program-level pipeline."""
-    program = enumerate_paths(program)  # every u2l-then-l2u path, Betty's DFS order
-    program = order_vjps(program)  # needs paths; plans right-to-left VJP chains with shared suffixes
+    done: list[str] = []
+    program = run_program_pass(program, "enumerate_paths", done)  # every u2l-then-l2u path, Betty's DFS order
+    program = run_program_pass(program, "order_vjps", done)  # needs paths; right-to-left VJP chains, shared suffixes
     return program
+
+
+def run_check(gm: GraphModule, name: str, title: str, done: list[str], **options: Any) -> None:
+    """Run one registered check; a failure is a PassError with the IR around the offending node."""
+    try:
+        GRAPH_CHECKS[name](gm, **options)
+    except Exception as exc:
+        raise PassError(_failure("check", name, title, done, gm, exc)) from exc
+
+
+def run_pass(
+    gm: GraphModule, name: str, title: str, done: list[str], report: PassReport | None, **options: Any
+) -> GraphModule:
+    """Run one registered graph pass, then verify.
+
+    Any exception (from the pass or from verification) becomes a PassError naming the
+    pass, the passes before it, and quoting the IR lines around the node the pass was
+    working on (found in the failing frames' ``node`` variable, or named by the error).
+    """
+    before, start = _count(gm), time.perf_counter()
+    try:
+        gm = GRAPH_PASSES[name](gm, **options)
+        verify(gm, functional=not MUTATING_PASSES.intersection([*done, name]))
+    except Exception as exc:
+        raise PassError(_failure("pass", name, title, done, gm, exc)) from exc
+    if report is not None:
+        report.records.append(PassRecord(title, name, before, _count(gm), time.perf_counter() - start))
+    done.append(name)
+    return gm
 
 
 def _count(gm: GraphModule) -> int:
     return len(gm.graph.nodes)
 
 
-def run_pass(
-    gm: GraphModule, name: str, title: str, done: list[str], report: PassReport | None, **options: Any
-) -> GraphModule:
-    """Run one registered graph pass, then verify; failures name the pass and its predecessors."""
-    before, start = _count(gm), time.perf_counter()
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, MLOError) else f"{type(exc).__name__}: {exc}"
+
+
+def _failure(kind: str, name: str, title: str, done: list[str], gm: GraphModule, exc: BaseException) -> str:
+    message = f"{kind} {name} on {title} (after {done or 'nothing'}) failed: {_describe(exc)}"
+    node = _failing_node(gm, exc)
+    if node is None:
+        return message
     try:
-        gm = GRAPH_PASSES[name](gm, **options)
-        verify(gm, functional=not MUTATING_PASSES.intersection([*done, name]))
-    except MLOError as exc:
-        raise PassError(f"pass {name} on {title} (after {done or 'nothing'}) failed: {exc}") from exc
-    if report is not None:
-        report.records.append(PassRecord(title, name, before, _count(gm), time.perf_counter() - start))
-    done.append(name)
-    return gm
+        lines = format_graph(gm, title).splitlines()
+    except Exception:  # a pass may leave the graph unprintable mid-rewrite
+        return message + f"\n  at node {node}"
+    marks = (f"%{node} = ", f"input {node} = ")
+    at = next((i for i, line in enumerate(lines) if line.strip().startswith(marks)), None)
+    if at is None:
+        return message + f"\n  at node {node}"
+    lo, hi = max(at - CONTEXT_LINES, 1), min(at + CONTEXT_LINES + 1, len(lines))
+    quoted = [(">> " if i == at else "   ") + lines[i] for i in range(lo, hi)]
+    return message + f"\n  IR around {node}:\n" + "\n".join(quoted)
+
+
+def _failing_node(gm: GraphModule, exc: BaseException) -> str | None:
+    """The node a failure happened at: the innermost frame's ``node`` variable, or one the message names."""
+    names = {n.name for n in gm.graph.nodes}
+    tb, found = exc.__traceback__, None
+    while tb is not None:  # NOTE: walk to the innermost frame: it was working on the most specific node
+        local = tb.tb_frame.f_locals.get("node")
+        if isinstance(local, Node) and local.name in names:
+            found = local.name
+        tb = tb.tb_next
+    if found is not None:
+        return found
+    named = re.search(r"\bnode %?(\w+)", str(exc))
+    return named.group(1) if named and named.group(1) in names else None
 
 
 def run_graph_pipeline(
@@ -98,8 +178,8 @@ def run_graph_pipeline(
     (tensors on ``device``).
     """
     done: list[str] = []
-    verify(gm)
-    check_no_jacobians(gm, sizes)  # the VJP ordering must never materialize a d_i x d_j tensor
+    run_check(gm, "verify", title, done)  # what tracing emitted: annotated and functional
+    run_check(gm, "check_no_jacobians", title, done, sizes=sizes)  # VJP ordering never forms a d_i x d_j tensor
     if precision != "fp32":  # first, so CSE merges the repeated casts of a weight
         policy = precision_policy(precision, keep_fp32_methods)
         gm = run_pass(gm, "cast_for_amp", title, done, report, policy=policy)
@@ -126,21 +206,27 @@ def run_inductor_lowering(gm: GraphModule, title: str, report: PassReport | None
 
 
 __all__ = [
+    "GRAPH_CHECKS",
     "GRAPH_PASSES",
-    "cast_for_amp",
+    "MUTATING_PASSES",
     "PROGRAM_PASSES",
+    "PassRecord",
     "PassReport",
+    "cast_for_amp",
     "check_no_jacobians",
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "enumerate_paths",
-    "rematerialize",
     "order_vjps",
     "plan_static_buffers",
+    "precision_policy",
     "reinplace_pointwise",
+    "rematerialize",
+    "run_check",
     "run_graph_pipeline",
     "run_inductor_lowering",
     "run_pass",
+    "run_program_pass",
     "run_program_passes",
     "simplify_no_ops",
     "split_foreach_norms",

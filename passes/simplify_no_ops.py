@@ -10,9 +10,11 @@ tensor) in the fx backend; removing them leaves the values unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._ops import OpOverload
 from torch.fx import GraphModule, Node
 
 from mlocompile.analysis import find_mutated_storages, find_storage_base
@@ -38,28 +40,86 @@ def _alpha_is_one(node: Node) -> bool:
     return _is_number(node.kwargs.get("alpha", 1), 1)
 
 
+NoopRule = Callable[[Node, set[Node]], "Node | None"]
+# Per op: rules that return the input a node passes through unchanged (None: not a no-op), tried in order
+NOOP_RULES: dict[OpOverload, list[NoopRule]] = {}
+
+
+def register_noop(*targets: OpOverload) -> Callable[[NoopRule], NoopRule]:
+    """Register a no-op rule for ``targets`` (as inductor's ``noop_registry``)."""
+
+    def add(rule: NoopRule) -> NoopRule:
+        for target in targets:
+            NOOP_RULES.setdefault(target, []).append(rule)
+        return rule
+
+    return add
+
+
+def _node_arg(arg: Any) -> Node | None:
+    return arg if isinstance(arg, Node) else None
+
+
+@register_noop(*_ADDS, *_SUBS)
+def _plus_zero(node: Node, written: set[Node]) -> Node | None:
+    """x + α·0, x − α·0"""
+    args = node.args
+    return _node_arg(args[0]) if len(args) == 2 and _is_number(args[1], 0) else None
+
+
+@register_noop(*_MULS, *_DIVS)
+def _times_one(node: Node, written: set[Node]) -> Node | None:
+    """x · 1, x / 1"""
+    args = node.args
+    return _node_arg(args[0]) if len(args) == 2 and _is_number(args[1], 1) else None
+
+
+@register_noop(aten.mul.Tensor)
+def _one_times(node: Node, written: set[Node]) -> Node | None:
+    """1 · x"""
+    args = node.args
+    return _node_arg(args[1]) if len(args) == 2 and _is_number(args[0], 1) else None
+
+
+@register_noop(aten.add.Tensor)
+def _plus_zeros(node: Node, written: set[Node]) -> Node | None:
+    """zeros + x, x + zeros"""
+    args = node.args
+    if len(args) != 2 or not _alpha_is_one(node):
+        return None
+    if _is_zeros(args[0], written):
+        return _node_arg(args[1])
+    return _node_arg(args[0]) if _is_zeros(args[1], written) else None
+
+
+@register_noop(aten.sub.Tensor)
+def _minus_zeros(node: Node, written: set[Node]) -> Node | None:
+    """x − α·zeros"""
+    args = node.args
+    return _node_arg(args[0]) if len(args) == 2 and _is_zeros(args[1], written) else None
+
+
+@register_noop(aten.t.default)
+def _double_transpose(node: Node, written: set[Node]) -> Node | None:
+    """t(t(x))"""
+    inner = node.args[0]
+    if isinstance(inner, Node) and inner.op == "call_function" and inner.target is aten.t.default:
+        return _node_arg(inner.args[0])
+    return None
+
+
+@register_noop(*_SAME_SHAPE_VIEWS)
+def _same_shape_view(node: Node, written: set[Node]) -> Node | None:
+    """view/expand/reshape of x: kept only if the shapes (and strides) match (checked by the pass)"""
+    return _node_arg(node.args[0])
+
+
 def _candidate(node: Node, written: set[Node]) -> Node | None:
-    """The input ``node`` returns unchanged, if it is an algebraic no-op, else None."""
-    target, args = node.target, node.args
-    if target in _ADDS | _SUBS and len(args) == 2 and _is_number(args[1], 0):
-        return args[0] if isinstance(args[0], Node) else None  # x + α·0, x − α·0
-    if target in _MULS | _DIVS and len(args) == 2 and _is_number(args[1], 1):
-        return args[0] if isinstance(args[0], Node) else None  # x · 1, x / 1
-    if target is aten.mul.Tensor and len(args) == 2 and _is_number(args[0], 1):
-        return args[1] if isinstance(args[1], Node) else None
-    if target is aten.add.Tensor and len(args) == 2 and _alpha_is_one(node):
-        if _is_zeros(args[0], written) and isinstance(args[1], Node):
-            return args[1]  # zeros + x
-        if _is_zeros(args[1], written) and isinstance(args[0], Node):
-            return args[0]  # x + zeros
-    if target is aten.sub.Tensor and len(args) == 2 and _is_zeros(args[1], written) and isinstance(args[0], Node):
-        return args[0]  # x − α·zeros
-    if target is aten.t.default:
-        inner = args[0]
-        if isinstance(inner, Node) and inner.op == "call_function" and inner.target is aten.t.default:
-            return inner.args[0] if isinstance(inner.args[0], Node) else None  # t(t(x))
-    if target in _SAME_SHAPE_VIEWS and isinstance(args[0], Node):
-        return args[0]  # kept only if the shapes (and strides) match, below
+    """The input ``node`` returns unchanged, if a registered rule says it is a no-op, else None."""
+    for rule in NOOP_RULES.get(node.target, ()):  # type: ignore[call-overload]
+        source = rule(node, written)
+        if source is not None:
+            return source
     return None
 
 
