@@ -18,11 +18,17 @@ import importlib.util
 import inspect
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import mlocompile as mlo
+from mlocompile import distributed
+from mlocompile.engine import Engine
 from mlocompile.errors import CliError, MLOError
+from mlocompile.monitor import read_metrics
 
 
 def load_engine(target: str, **overrides: Any) -> Any:
@@ -31,8 +37,6 @@ def load_engine(target: str, **overrides: Any) -> Any:
     ``overrides`` (e.g. ``iters``, ``compile``) are passed to the builder when its
     signature accepts them, and applied to the engine's config otherwise.
     """
-    from mlocompile.engine import Engine
-
     if ":" in target and not target.endswith(".py"):
         mod_name, func_name = target.split(":", 1)
         try:
@@ -79,9 +83,6 @@ def write_artifacts(compiled: Any, out_dir: str) -> list[str]:
 
 def _launch(args: argparse.Namespace) -> None:
     """Re-run this command under torchrun with ``--nproc`` processes on this machine."""
-    import socket
-    import subprocess
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -108,14 +109,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if engine.rank == 0:
         _report(engine, out)
     if engine.world_size > 1:
-        from mlocompile import distributed
-
         distributed.shutdown()  # the other ranks wait until rank 0 has written its files
 
 
 def _report(engine: Any, out: str) -> None:
-    import mlocompile as mlo
-
     for path in write_artifacts(mlo.compile(engine), out):
         print(f"wrote {path}")
     last = {}
@@ -127,8 +124,6 @@ def _report(engine: Any, out: str) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
-    import mlocompile as mlo
-
     compiled = mlo.compile(load_engine(args.example, compile=args.compile))
     if args.command == "ir":
         print(compiled.ir, end="")
@@ -141,8 +136,6 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
-    from mlocompile.monitor import read_metrics
-
     try:
         import matplotlib
 

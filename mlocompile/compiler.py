@@ -20,6 +20,7 @@ import torch
 import passes
 from mlocompile.backends import compile_with_inductor, direct_runner
 from mlocompile.functional import FunctionalProgram
+from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.step import StepFn, StepVariant, build_step
@@ -154,7 +155,7 @@ class Compiler:
         """
         if not (options.donate and variant.update) or options.init_sources:
             return frozenset()
-        if any(p.config.type == "itd" for p in self.program.problems.values()):
+        if any(METHOD_RULES[p.config.type].window for p in self.program.problems.values()):
             return frozenset()  # itd windows hold the parameters of every step of the unroll
         prefix = f"params.{variant.problem}."
         names = [n.meta["mlo.input"] for n in traced.gm.graph.nodes if n.op == "placeholder"]

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from mlocompile.errors import ProgramError
 
-METHODS = ("darts", "neumann", "cg", "itd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("eager", "fx", "inductor")
 
@@ -46,10 +45,12 @@ class Config:
     itd_segments: int = 0
 
     def validate(self, problem: str) -> None:
-        """Raise ProgramError naming ``problem`` for any out-of-range field."""
+        """Raise ProgramError naming ``problem`` for any out-of-range field.
+
+        ``type`` is checked against the registered methods when the program is built
+        (``program.build_program``, with ``hypergrad.METHOD_RULES``).
+        """
         where = f"Config of problem {problem!r}"
-        if self.type not in METHODS:
-            raise ProgramError(f"{where}: type={self.type!r} is not a hypergradient method; use one of {list(METHODS)}")
         if self.precision not in PRECISIONS:
             raise ProgramError(f"{where}: precision={self.precision!r}; use one of {list(PRECISIONS)}")
         for name in ("unroll_steps", "gradient_accumulation"):
@@ -64,11 +65,6 @@ class Config:
             raise ProgramError(
                 f"{where}: precision='fp16' needs dynamic loss scaling: initial_dynamic_scale > 0 and "
                 f"scale_factor > 1 (got {self.initial_dynamic_scale}, {self.scale_factor})"
-            )
-        if self.type == "itd" and self.gradient_accumulation != 1:
-            raise ProgramError(
-                f"{where}: type='itd' differentiates through optimizer steps and needs "
-                f"gradient_accumulation=1 (got {self.gradient_accumulation})"
             )
 
 

@@ -21,47 +21,18 @@ from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from mlocompile.analysis import estimate_peak_memory, nbytes
+from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.program import ProgramGraph
+from mlocompile.symbols import HVP_FACTOR, SYMBOLS, UPDATE_FLOPS, B, G, K, a, c, d, iters, p  # noqa: F401 - re-exported
 
 aten = torch.ops.aten
 
 
-# Symbols of the symbolic forms (all positive integers except the cost constant c).
-d, p, K, iters, B, a = sympy.symbols("d p K I B a", positive=True, integer=True)
-c = sympy.Symbol("c", positive=True)
-SYMBOLS: dict[str, str] = {
-    "d": "parameters of the lower problem (the one whose solution is differentiated)",
-    "p": "parameters of the upper problem",
-    "K": "unroll steps (itd replays K optimizer steps)",
-    "I": "iterations (neumann_iterations / cg_iterations)",
-    "B": "batch size of the lower problem's last batch",
-    "a": "activation elements per sample kept by one forward of the lower loss",
-    "c": "FLOPs per sample per parameter of one forward+backward",
-}
-HVP_FACTOR = 2  # reverse-over-reverse VJP of a gradient ~ 2x the gradient it reverses
-UPDATE_FLOPS = 4  # per-parameter FLOPs of an SGD-with-momentum update (Adam ~ 12)
-
-G = c * B * (d + p)  # one gradient of the lower loss L(w, λ): it evaluates both problems
-SYMBOLIC_FLOPS: dict[str, sympy.Expr] = {
-    # 2 gradients w.r.t. λ at w ± eps·v; ‖v‖ (2d), two axpys (4d), the difference quotient (3p)
-    "darts": 2 * G + 6 * d + 3 * p,
-    # linearize ∇_w L once, I Hessian VJPs + 1 mixed VJP; per iteration term/acc updates (3d)
-    "neumann": G + HVP_FACTOR * G * (iters + 1) + 3 * iters * d + d + p,
-    # as neumann, plus per iteration 2 dots and 3 axpys and a scale (11d)
-    "cg": G + HVP_FACTOR * G * (iters + 1) + 11 * iters * d + 3 * d + p,
-    # K replayed (gradient + update + shifted λ), then the reverse of each (HVP-class + update VJP)
-    "itd": K * (G + UPDATE_FLOPS * d + p) + K * (HVP_FACTOR * G + UPDATE_FLOPS * d + p),
-}
-SYMBOLIC_MEMORY: dict[str, sympy.Expr] = {
-    # w, v, one perturbed copy; λ and two λ-gradients; activations of one forward/backward
-    "darts": 3 * d + 3 * p + B * a,
-    # w, λ; residuals of the linearized gradient (2Ba); v, term, acc, Hv; the result
-    "neumann": 5 * d + 2 * p + 2 * B * a,
-    # w, λ; residuals (2Ba); v, x, r, p, Ap; the result
-    "cg": 6 * d + 2 * p + 2 * B * a,
-    # per replayed step: weights, optimizer state, shifted λ and the gradient's residuals; plus w, v, λ
-    "itd": K * (2 * d + p + 2 * B * a) + 2 * d + p,
-}
+# One best-response VJP of each built-in method, in the symbols of ``mlocompile.symbols``; the
+# source of truth is each method's rule (reports read ``METHOD_RULES`` itself, so methods
+# registered later appear too)
+SYMBOLIC_FLOPS: dict[str, sympy.Expr] = {m: rule.flops for m, rule in METHOD_RULES.items()}
+SYMBOLIC_MEMORY: dict[str, sympy.Expr] = {m: rule.memory for m, rule in METHOD_RULES.items()}
 
 
 def path_flops(methods: Sequence[str]) -> sympy.Expr:
@@ -70,7 +41,7 @@ def path_flops(methods: Sequence[str]) -> sympy.Expr:
     A path is evaluated right to left as a chain of vector-Jacobian products, so
     each hop adds its own cost; no Jacobian is formed, so no hop multiplies another.
     """
-    return sympy.Add(*(SYMBOLIC_FLOPS[m] for m in methods))
+    return sympy.Add(*(METHOD_RULES[m].flops for m in methods))
 
 
 @dataclass
@@ -92,8 +63,10 @@ class CostReport:
     """Per-step estimates plus the symbolic cost of one best-response VJP per method."""
 
     steps: dict[str, StepCost]
-    symbolic: dict[str, sympy.Expr] = field(default_factory=lambda: dict(SYMBOLIC_FLOPS))
-    symbolic_memory: dict[str, sympy.Expr] = field(default_factory=lambda: dict(SYMBOLIC_MEMORY))
+    symbolic: dict[str, sympy.Expr] = field(default_factory=lambda: {m: r.flops for m, r in METHOD_RULES.items()})
+    symbolic_memory: dict[str, sympy.Expr] = field(
+        default_factory=lambda: {m: r.memory for m, r in METHOD_RULES.items()}
+    )
     methods: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
+import passes
 from mlocompile import checkpoint, distributed
 from mlocompile.compiled import CompiledProgram
 from mlocompile.compiler import CompileOptions, Compiler
@@ -56,15 +57,13 @@ class Engine:
         self.problems = list(problems)
         self.env = env
         attach_problems(self.problems, self)
-        from passes import run_program_passes  # NOTE: lazily: passes imports mlocompile
-
         explicit = dependencies is not None
         self.dependencies = (
             dependencies
             if dependencies is not None
             else infer_dependencies(self.problems, eager=self.config.compile == "eager")
         )
-        self.program: ProgramGraph = run_program_passes(
+        self.program: ProgramGraph = passes.run_program_passes(
             build_program(self.problems, self.dependencies, declared_levels(self.problems) or None)
         )
         self._warn_undeclared = explicit

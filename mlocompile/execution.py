@@ -22,6 +22,7 @@ from torch import Tensor
 from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.errors import NonFiniteError
 from mlocompile.functional import FunctionalProgram
+from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.rng import record_rng_states, rng_devices
@@ -169,11 +170,11 @@ class StepRunner:
     def begin_window(self, name: str) -> None:
         """Snapshot ``name`` at the start of an unroll window, for a roll-back or an itd replay."""
         run = self.runs[name]
-        is_itd = self.program.problems[name].config.type == "itd"
-        if run.roll_back or is_itd:
+        replays = METHOD_RULES[self.program.problems[name].config.type].window
+        if run.roll_back or replays:
             snapshot = self.snapshot(name)
             run.cache = snapshot if run.roll_back else None
-            if is_itd:
+            if replays:
                 run.window = {**snapshot, "hypers": [], "batches": [], "others": [], "rng": []}
 
     def record(self, name: str, batch: Any) -> None:

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 from torch import Tensor
 
+from mlocompile import symbols as S
 from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, tree_norm, with_params
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer, StateDict
@@ -76,20 +78,59 @@ class StepEnv:
 
 
 VjpRule = Callable[[StepEnv, str, str, Params], Params]
-BEST_RESPONSE_VJPS: dict[str, VjpRule] = {}
 
 
-def register_vjp(method: str) -> Callable[[VjpRule], VjpRule]:
-    """Register the best-response VJP rule for ``method``."""
+@dataclass(frozen=True)
+class MethodRule:
+    """Everything mlocompile knows about one best-response method: a new method is one rule.
 
-    def deco(rule: VjpRule) -> VjpRule:
-        BEST_RESPONSE_VJPS[method] = rule
-        return rule
+    ``vjp`` computes the product; ``fields`` are the ``Config`` fields it reads;
+    ``window`` means it replays the unroll window (the engine then records every live
+    step's inputs, and updates may not donate the parameters the window holds);
+    ``second_order`` means it differentiates the lower problem's gradient (attention
+    then runs as its math kernel, which has a double backward); ``flops`` and
+    ``memory`` state one product's cost in the symbols of ``mlocompile.symbols``.
+    """
+
+    name: str
+    vjp: VjpRule
+    fields: tuple[str, ...]
+    window: bool
+    second_order: bool
+    flops: sympy.Expr
+    memory: sympy.Expr
+
+
+METHOD_RULES: dict[str, MethodRule] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    fields: tuple[str, ...],
+    window: bool = False,
+    second_order: bool,
+    flops: sympy.Expr,
+    memory: sympy.Expr,
+) -> Callable[[VjpRule], VjpRule]:
+    """Register ``name``'s best-response VJP with its facts (see ``MethodRule``)."""
+
+    def deco(vjp: VjpRule) -> VjpRule:
+        METHOD_RULES[name] = MethodRule(name, vjp, fields, window, second_order, flops, memory)
+        return vjp
 
     return deco
 
 
-@register_vjp("darts")
+@register_method(
+    "darts",
+    fields=("darts_alpha",),
+    second_order=False,
+    # 2 gradients w.r.t. λ at w ± eps·v; ‖v‖ (2d), two axpys (4d), the difference quotient (3p)
+    flops=2 * S.G + 6 * S.d + 3 * S.p,
+    # w, v, one perturbed copy; λ and two λ-gradients; activations of one forward/backward
+    memory=3 * S.d + 3 * S.p + S.B * S.a,
+)
 def darts_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """Finite-difference ``−∇²_{λw}L·v`` with ``eps = darts_alpha / ‖v‖`` (Hessian⁻¹ ≈ I)."""
     cfg = env.fp.problems[curr].config
@@ -110,7 +151,15 @@ def _linearized_grad(env: StepEnv, curr: str, prev: str) -> Callable[[Params], t
     return vjp_fn  # type: ignore[no-any-return]
 
 
-@register_vjp("neumann")
+@register_method(
+    "neumann",
+    fields=("neumann_iterations", "neumann_alpha"),
+    second_order=True,
+    # linearize ∇_w L once, I Hessian VJPs + 1 mixed VJP; per iteration term/acc updates (3d)
+    flops=S.G + S.HVP_FACTOR * S.G * (S.iters + 1) + 3 * S.iters * S.d + S.d + S.p,
+    # w, λ; residuals of the linearized gradient (2Ba); v, term, acc, Hv; the result
+    memory=5 * S.d + 2 * S.p + 2 * S.B * S.a,
+)
 def neumann_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """``−∇²_{λw}L · α Σ_{j=0..K} (I − αH)^j v`` (Lorraine et al.)."""
     cfg = env.fp.problems[curr].config
@@ -125,7 +174,15 @@ def neumann_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     return {k: -m for k, m in mixed.items()}
 
 
-@register_vjp("cg")
+@register_method(
+    "cg",
+    fields=("cg_iterations", "cg_alpha"),
+    second_order=True,
+    # as neumann, plus per iteration 2 dots and 3 axpys and a scale (11d)
+    flops=S.G + S.HVP_FACTOR * S.G * (S.iters + 1) + 11 * S.iters * S.d + 3 * S.d + S.p,
+    # w, λ; residuals (2Ba); v, x, r, p, Ap; the result
+    memory=6 * S.d + 2 * S.p + 2 * S.B * S.a,
+)
 def cg_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """``−∇²_{λw}L · x`` with ``x ≈ H⁻¹ v`` from conjugate gradient on ``(cg_alpha·H) x' = v``."""
     cfg = env.fp.problems[curr].config
@@ -148,7 +205,16 @@ def cg_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     return {k: -m for k, m in mixed.items()}
 
 
-@register_vjp("itd")
+@register_method(
+    "itd",
+    fields=("unroll_steps", "itd_segments"),
+    window=True,
+    second_order=True,
+    # K replayed (gradient + update + shifted λ), then the reverse of each (HVP-class + update VJP)
+    flops=S.K * (S.G + S.UPDATE_FLOPS * S.d + S.p) + S.K * (S.HVP_FACTOR * S.G + S.UPDATE_FLOPS * S.d + S.p),
+    # per replayed step: weights, optimizer state, shifted λ and the gradient's residuals; plus w, v, λ
+    memory=S.K * (2 * S.d + S.p + 2 * S.B * S.a) + 2 * S.d + S.p,
+)
 def itd_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """Reverse mode through ``curr``'s replayed optimizer updates since its unroll start.
 
@@ -245,7 +311,7 @@ def run_plan(env: StepEnv, upper: str, plan: list, ends: list[int], first: dict[
         with annotate(
             problem=upper, role="hypergrad", method=method, edge=f"{op.curr}->{op.prev}", path=f"{upper}.v{op.id}"
         ):
-            outs[op.id] = BEST_RESPONSE_VJPS[method](env, op.curr, op.prev, vec)
+            outs[op.id] = METHOD_RULES[method].vjp(env, op.curr, op.prev, vec)
     total: Params = {}
     for end in ends:
         for k, t in outs[end].items():

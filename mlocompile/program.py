@@ -8,7 +8,9 @@ from typing import Any
 
 import networkx as nx
 
+from mlocompile.config import Config
 from mlocompile.errors import ProgramError
+from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.problem import Problem
 
 EDGE_KINDS = ("u2l", "l2u")
@@ -155,8 +157,21 @@ def build_program(
         if g.has_edge(u, v, key="l2u"):
             raise ProgramError(f"{u} is declared both above (u2l) and below (l2u) {v}; keep one direction")
     for name, p in by_name.items():
+        _check_method(name, p.config)
         p.config.validate(name)
     return ProgramGraph(graph=g, problems=by_name)
+
+
+def _check_method(name: str, cfg: Config) -> None:
+    where = f"Config of problem {name!r}"
+    rule = METHOD_RULES.get(cfg.type)
+    if rule is None:
+        raise ProgramError(f"{where}: type={cfg.type!r} is not a hypergradient method; use one of {list(METHOD_RULES)}")
+    if rule.window and cfg.gradient_accumulation != 1:
+        raise ProgramError(
+            f"{where}: type={cfg.type!r} differentiates through optimizer steps and needs "
+            f"gradient_accumulation=1 (got {cfg.gradient_accumulation})"
+        )
 
 
 def _check_acyclic(g: nx.MultiDiGraph) -> None:

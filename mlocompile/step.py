@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlocompile.distributed import average_gradients
 from mlocompile.functional import FunctionalProgram, Params, tree_norm, with_params
-from mlocompile.hypergrad import StepEnv, Window, run_plan
+from mlocompile.hypergrad import METHOD_RULES, StepEnv, Window, run_plan
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
@@ -45,8 +45,8 @@ def needed_batches(program: ProgramGraph, name: str) -> list[str]:
 
 
 def needed_windows(program: ProgramGraph, name: str) -> list[str]:
-    """Problems whose unroll window the step of ``name`` replays (its itd currs)."""
-    return [c for c in needed_batches(program, name) if program.problems[c].config.type == "itd"]
+    """Problems whose unroll window the step of ``name`` replays (currs whose method has a window: itd)."""
+    return [c for c in needed_batches(program, name) if METHOD_RULES[program.problems[c].config.type].window]
 
 
 def _clip(grads: Params, max_norm: float) -> Params:
@@ -83,7 +83,7 @@ def build_step(
     opt = optimizers[name]
     # NOTE: CPU/GPU flash attention kernels have no double backward; neumann, cg and itd
     # differentiate the lower's gradient, so attention runs as its math decomposition there
-    second_order = any(program.problems[op.curr].config.type != "darts" for op in plan)
+    second_order = any(METHOD_RULES[program.problems[op.curr].config.type].second_order for op in plan)
 
     def step(inputs: dict[str, Any]) -> dict[str, Any]:
         # NOTE: the outer annotation tags glue ops (detaches, sums) nothing more specific claims

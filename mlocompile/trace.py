@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import linecache
 import operator
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,8 +198,6 @@ def _reads_a_value(msg: str) -> bool:
 
 def _value_read_advice(exc: BaseException) -> str:
     """Say which line of the user's code read a tensor's value, and what to do instead."""
-    import traceback
-
     here = ("/torch/", "/mlocompile/", "/passes/", "/optree/", "<")
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not any(h in f.filename for h in here)]
     where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlocompile.analysis import aliased_input, estimate_peak_memory
 
@@ -152,10 +154,6 @@ def measure_peak_memory(fn: Any, *args: Any, exclude: frozenset[int] = frozenset
     Storages of ``args`` and those whose data pointers are in ``exclude`` (tensors
     that existed before) are not counted; the caller must keep the latter alive.
     """
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     state = {"live": 0, "peak": 0}
     refs: dict[int, list[int]] = {}  # storage pointer -> [tensors alive, bytes]
     external = set(exclude) | {

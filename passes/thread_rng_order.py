@@ -48,7 +48,9 @@ def thread_rng_order(gm: GraphModule) -> GraphModule:
         if previous is not None and first is not None:
             with gm.graph.inserting_before(node):
                 dep = gm.graph.call_function(AFTER, (first, previous))
-            dep.meta.update(first.meta)
+            dep.meta.update({k: v for k, v in node.meta.items() if k.startswith("mlo.")})  # the draw's tags
+            if "val" in first.meta:
+                dep.meta["val"] = first.meta["val"]
             node.replace_input_with(first, dep)
         if isinstance(node.meta.get("val"), Tensor):
             previous = node
