@@ -1,4 +1,6 @@
-"""Graph analyses the passes and the cost model share (torch.fx only): aliasing, writes, liveness.
+"""Graph analyses the passes and the cost model share (torch.fx only): aliasing, writes, liveness, sizes.
+
+Also the meta-tensor helpers passes use to keep ``val`` meta (shape, strides, dtype) right.
 
 Analyses never mutate the graph (``find_*``). They read op schemas: a return with an
 alias annotation shares storage with the argument of the same alias set (views,
@@ -138,3 +140,19 @@ def nbytes(val: Any) -> int:
     if isinstance(val, (tuple, list)):
         return sum(nbytes(v) for v in val)
     return 0
+
+
+def node_nbytes(node: Node) -> int:
+    """Bytes of a node's tensor value (0 for tuples and non-tensor values)."""
+    val = node.meta.get("val")
+    return int(val.numel()) * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A ``meta``-device tensor with ``t``'s shape, strides and dtype (what ``val`` meta needs)."""
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+
+
+def meta_like(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``meta``-device tensor with ``val``'s shape and ``dtype`` (a cast's result)."""
+    return torch.empty(val.shape, dtype=dtype, device="meta")

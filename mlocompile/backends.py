@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import _inductor
 from torch.fx import GraphModule
 
 _OP_CALL = re.compile(r"\btorch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\(")
@@ -80,6 +79,8 @@ def compile_with_inductor(gm: GraphModule, tensors: Sequence[torch.Tensor], titl
     the compiled kernels instead of compiling again. Random ops use torch's
     generators (``fallback_random``): the same numbers as the other backends.
     """
+    from torch import _inductor  # NOTE: here, not at the top: loading inductor costs ~1 s
+
     try:
         # NOTE: fallback_random: random ops draw from torch's generators as eager and fx do
         # (inductor's own RNG would give other dropout masks), so an itd replay, which sets

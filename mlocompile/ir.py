@@ -10,7 +10,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_written_args
+from mlocompile.analysis import find_written_args, meta_tensor
 from mlocompile.errors import IRVerificationError
 
 # Every node.meta key mlocompile uses: who writes it, who reads it.
@@ -55,13 +55,9 @@ def slim_meta(gm: GraphModule) -> None:
     for node in gm.graph.nodes:
         kept = {k: v for k, v in node.meta.items() if k.startswith("mlo.")}
         if "val" in node.meta:
-            kept["val"] = torch.utils._pytree.tree_map_only(torch.Tensor, _meta_tensor, node.meta["val"])
+            kept["val"] = torch.utils._pytree.tree_map_only(torch.Tensor, meta_tensor, node.meta["val"])
         node.meta.clear()
         node.meta.update(kept)
-
-
-def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
 
 
 def _fmt_arg(a: Any) -> str:

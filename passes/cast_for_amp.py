@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from mlocompile.analysis import meta_like
+
 aten = torch.ops.aten
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,16 +40,12 @@ register_amp_rule(aten.convolution_backward.default, (0, 1, 2))
 Policy = Callable[[Node], str]
 
 
-def _meta_like(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(val.shape, dtype=dtype, device="meta")
-
-
 def _cast(gm: GraphModule, arg: Node, dtype: torch.dtype, like: Node) -> Node:
     with gm.graph.inserting_before(like):
         new = gm.graph.call_function(aten._to_copy.default, (arg,), {"dtype": dtype})
     new.meta.update({k: v for k, v in like.meta.items() if k.startswith("mlo.")})
     if isinstance(arg.meta.get("val"), torch.Tensor):
-        new.meta["val"] = _meta_like(arg.meta["val"], dtype)
+        new.meta["val"] = meta_like(arg.meta["val"], dtype)
     return new
 
 
@@ -90,11 +88,11 @@ def cast_for_amp(gm: GraphModule, *, policy: Policy) -> GraphModule:
         outs = node.meta.get("val")
         users = list(node.users)
         if isinstance(outs, torch.Tensor):
-            node.meta["val"] = _meta_like(outs, low)
+            node.meta["val"] = meta_like(outs, low)
             with gm.graph.inserting_after(node):
                 up = gm.graph.call_function(aten._to_copy.default, (node,), {"dtype": outs.dtype})
             up.meta.update({k: v for k, v in node.meta.items() if k.startswith("mlo.")})
-            up.meta["val"] = _meta_like(outs, outs.dtype)
+            up.meta["val"] = meta_like(outs, outs.dtype)
             for user in users:
                 user.replace_input_with(node, up)
         else:  # tuple results (convolution_backward): cast each getitem back up
@@ -105,11 +103,11 @@ def cast_for_amp(gm: GraphModule, *, policy: Policy) -> GraphModule:
                 with gm.graph.inserting_after(user):
                     up = gm.graph.call_function(aten._to_copy.default, (user,), {"dtype": val.dtype})
                 up.meta.update({k: v for k, v in user.meta.items() if k.startswith("mlo.")})
-                up.meta["val"] = _meta_like(val, val.dtype)
+                up.meta["val"] = meta_like(val, val.dtype)
                 for uu in list(user.users):
                     if uu is not up:
                         uu.replace_input_with(user, up)
-                user.meta["val"] = _meta_like(val, low)
+                user.meta["val"] = meta_like(val, low)
     gm.graph.lint()
     gm.recompile()
     return gm

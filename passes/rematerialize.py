@@ -10,7 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlocompile.analysis import aliased_input, estimate_peak_memory
+from mlocompile.analysis import aliased_input, estimate_peak_memory, node_nbytes
 
 aten = torch.ops.aten
 MAX_CHAIN = 6  # nodes recomputed for one rematerialized value, at most
@@ -27,11 +27,6 @@ def _recomputable(node: Node) -> bool:
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False
     return not target._schema.is_mutable
-
-
-def _nbytes(node: Node) -> int:
-    val = node.meta.get("val")
-    return int(val.numel()) * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
 def _plan_chain(node: Node, at: int, pos: dict[Node, int], last_use: dict[Node, int]) -> list[Node] | None:
@@ -54,8 +49,8 @@ def _plan_chain(node: Node, at: int, pos: dict[Node, int], last_use: dict[Node, 
                 return True
             del chain[mark[0] :]
             extended[0] = mark[1]
-        extended[0] += _nbytes(n)  # fall back to keeping it alive until ``at``
-        return 2 * extended[0] <= _nbytes(node)
+        extended[0] += node_nbytes(n)  # fall back to keeping it alive until ``at``
+        return 2 * extended[0] <= node_nbytes(node)
 
     if not _recomputable(node) or not all(need(a) for a in node.all_input_nodes):
         return None
@@ -72,7 +67,7 @@ def _live_at(gm: GraphModule, at: int) -> tuple[list[Node], dict[Node, int], dic
         for n in nodes[:at]
         if n.op == "call_function"
         and last_use[n] > at
-        and _nbytes(n) > 0
+        and node_nbytes(n) > 0
         and aliased_input(n) is None
         and n.target is not operator.getitem
         and all(pos[u] > at for u in n.users if pos[u] >= at)
@@ -130,7 +125,7 @@ def rematerialize(gm: GraphModule, *, memory_budget: float | int) -> GraphModule
             break
         at = next(i for i, n in enumerate(gm.graph.nodes) if n.name == where)
         live, pos, last_use = _live_at(gm, at)
-        candidates = sorted((n for n in live if n.name not in tried), key=_nbytes, reverse=True)
+        candidates = sorted((n for n in live if n.name not in tried), key=node_nbytes, reverse=True)
         done = False
         for node in candidates:
             tried.add(node.name)

@@ -45,7 +45,8 @@ def thread_rng_order(gm: GraphModule) -> GraphModule:
         if not _draws_randomness(node):
             continue
         first = next((a for a in node.args if isinstance(a, Node)), None)
-        if previous is not None and first is not None:
+        chained = first is not None and first.target is AFTER and first.args[1] is previous
+        if previous is not None and first is not None and not chained:  # NOTE: chained already: idempotent
             with gm.graph.inserting_before(node):
                 dep = gm.graph.call_function(AFTER, (first, previous))
             dep.meta.update({k: v for k, v in node.meta.items() if k.startswith("mlo.")})  # the draw's tags
@@ -55,8 +56,11 @@ def thread_rng_order(gm: GraphModule) -> GraphModule:
         if isinstance(node.meta.get("val"), Tensor):
             previous = node
         else:  # a tuple of results (native_dropout): order on its first
-            with gm.graph.inserting_after(node):
-                previous = gm.graph.call_function(operator.getitem, (node, 0))
-            previous.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+            after_it = node.next  # reused only right after the draw: defined before anything that follows
+            previous = after_it if after_it.target is operator.getitem and after_it.args == (node, 0) else None
+            if previous is None:
+                with gm.graph.inserting_after(node):
+                    previous = gm.graph.call_function(operator.getitem, (node, 0))
+                previous.meta.update({k: v for k, v in node.meta.items() if k != "val"})
     gm.recompile()
     return gm

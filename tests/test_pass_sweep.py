@@ -4,8 +4,9 @@ The corpus (tests/corpus.py: MLP, conv + BatchNorm + dropout + in-place ReLU, LS
 padding index, TransformerEncoder, tied and frozen weights, Adam(amsgrad)) is traced under
 darts, neumann, cg and itd; each traced (functional) step graph runs before and after each
 pass on the same inputs and generator state, in float64. The passes do not reorder
-arithmetic, so outputs must be equal bit for bit. A pass added to ``GRAPH_PASSES`` is swept
-automatically once it has an entry in ``SWEEP_OPTIONS``.
+arithmetic, so outputs must be equal bit for bit; each runs through the pass runner (the IR
+verifies after it) and a second run changes nothing (idempotence). A pass added to
+``GRAPH_PASSES`` is swept automatically once it has an entry in ``SWEEP_OPTIONS``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 import corpus
-from mlocompile.ir import is_mutating, verify
+from mlocompile.analysis import estimate_peak_memory
+from mlocompile.ir import format_graph, is_mutating, verify
 from mlocompile.step import StepVariant
 from mlocompile.trace import flatten_inputs, trace_step
-from passes import GRAPH_PASSES, run_graph_pipeline
+from passes import GRAPH_PASSES, run_graph_pipeline, run_pass
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -37,7 +39,8 @@ SWEEP_OPTIONS = {
     "eliminate_dead_code": lambda gm, p: {},
     "eliminate_common_subexpressions": lambda gm, p: {},
     "cast_for_amp": lambda gm, p: {"policy": lambda node: "fp32"},
-    "rematerialize": lambda gm, p: {"memory_budget": 0.9},
+    # in bytes (a fraction is of the graph's own peak, so a second run would cut deeper)
+    "rematerialize": lambda gm, p: {"memory_budget": 0.9 * estimate_peak_memory(gm)[0]},
     "reinplace_pointwise": lambda gm, p: {"donated": _donated(gm, p)},
     "plan_static_buffers": lambda gm, p: {"device": torch.device("cpu"), "pool": {}, "min_bytes": 64},
     "split_foreach_norms": lambda gm, p: {},
@@ -98,11 +101,16 @@ def test_traced_step_graphs_are_functional(model, method):
 
 @pytest.mark.parametrize("pass_name", sorted(SWEEP_OPTIONS))
 @pytest.mark.parametrize(("model", "method"), corpus.CASES)
-def test_pass_preserves_values(model, method, pass_name):
+def test_pass_preserves_values_verifies_and_is_idempotent(model, method, pass_name):
     for name, gm, tensors in traced_steps(model, method):
         want = run(gm, tensors)
-        after = GRAPH_PASSES[pass_name](copy.deepcopy(gm), **SWEEP_OPTIONS[pass_name](gm, name))
-        assert_same(run(after, tensors), want, f"{pass_name} on {model}/{method} step_{name}")
+        options = SWEEP_OPTIONS[pass_name](gm, name)
+        title = f"step_{name}"
+        after = run_pass(copy.deepcopy(gm), pass_name, title, [], None, **options)  # verifies the IR after it
+        assert_same(run(after, tensors), want, f"{pass_name} on {model}/{method} {title}")
+        once = format_graph(after, title)
+        twice = run_pass(copy.deepcopy(after), pass_name, title, [], None, **options)
+        assert format_graph(twice, title) == once, f"{pass_name} is not idempotent on {model}/{method} {title}"
 
 
 @pytest.mark.parametrize("budget", [None, 0.7])
