@@ -50,11 +50,11 @@ from mlocompile.problem import ImplicitProblem, IterativeProblem, Problem
 
 if TYPE_CHECKING:
     from mlocompile.compiled import CompiledProgram
-    from mlocompile.engine import Engine, compile
+    from mlocompile.engine import Engine
 
 # NOTE: the top layers load on first use, so importing a lower module (``passes``,
 # ``mlocompile.ir``) runs this file without pulling in the engine that imports them
-_LAZY = {"CompiledProgram": "mlocompile.compiled", "Engine": "mlocompile.engine", "compile": "mlocompile.engine"}
+_LAZY = {"CompiledProgram": "mlocompile.compiled", "Engine": "mlocompile.engine"}
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +63,11 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+def compile(engine: Engine) -> CompiledProgram:
+    """Trace and optimize every step of ``engine`` now; return what was emitted."""
+    return engine.compile()
 
 
 def __dir__() -> list[str]:
@@ -96,8 +101,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "passes.thread_rng_order",
         ),
     ),
-    ("tracing, pass pipeline", ("trace", "passes")),
-    ("compiler, its output, dependency checks", ("compiler", "compiled", "dependencies")),
+    ("tracing, pass pipeline, compiled output", ("trace", "passes", "compiled")),
+    ("compiler, dependency checks", ("compiler", "dependencies")),
     ("running a step", ("execution",)),
     ("the engine", ("engine",)),
     ("public API", ("mlocompile",)),

@@ -19,6 +19,7 @@ import torch
 
 import passes
 from mlocompile.backends import compile_with_inductor, direct_runner
+from mlocompile.compiled import CompiledProgram
 from mlocompile.functional import FunctionalProgram
 from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
@@ -107,6 +108,17 @@ class Compiler:
             self._warn_if_retracing(variant, flat)
         self.latest[variant.title] = traced
         return traced
+
+    def trace_all(self, name: str, inputs: dict[str, Any], options: CompileOptions) -> None:
+        """Trace every step variant of problem ``name`` (accumulating and updating) for ``inputs``."""
+        accumulates = self.program.problems[name].config.gradient_accumulation > 1
+        for update in [False, True] if accumulates else [True]:
+            self.traced(StepVariant(name, update), inputs, options)
+
+    def snapshot(self) -> CompiledProgram:
+        """What has been emitted so far: the latest graph of every step, and the pass report."""
+        graphs = {title: self.latest[title].gm for title in sorted(self.latest)}
+        return CompiledProgram(self.program, graphs, self.report)
 
     def _compile(self, variant: StepVariant, flat: FlatInputs, options: CompileOptions) -> TracedStep:
         traced = trace_step(self.step_fn(variant, options), flat, variant.title)

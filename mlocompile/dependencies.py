@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
+import passes
 from mlocompile.errors import ProgramError
 from mlocompile.functional import FunctionalProgram
 from mlocompile.problem import Problem
-from mlocompile.program import ProgramGraph
+from mlocompile.program import ProgramGraph, build_program
 from mlocompile.trace import find_loss_uses
 
 
@@ -105,3 +107,25 @@ def check_uses(program: ProgramGraph, uses: dict[str, set[str]]) -> None:
                 f"l2u edge {lower} -> {upper}: the training_step of {upper!r} never uses {lower!r}'s parameters; "
                 f"call self.{lower}(...) in {upper!r}'s loss or remove the edge"
             )
+
+
+def plan_program(problems: Sequence[Problem], dependencies: Any, eager: bool) -> tuple[Any, ProgramGraph]:
+    """Validate the declared dependencies (or infer them from levels and use) into a planned ProgramGraph.
+
+    Returns the dependencies used and the graph after the program passes (paths, VJP plans).
+    """
+    deps = dependencies if dependencies is not None else infer_dependencies(problems, eager)
+    program = passes.run_program_passes(build_program(problems, deps, declared_levels(problems) or None))
+    return deps, program
+
+
+def check_program(program: ProgramGraph, problems: Sequence[Problem], eager: bool, warn_undeclared: bool) -> None:
+    """Evaluate every loss once and check the declared edges against what the losses use.
+
+    With ``warn_undeclared`` (explicit dependencies), uses without an edge warn.
+    """
+    uses = find_all_uses(problems, eager=eager)
+    if warn_undeclared:
+        declared = {(u, v) for kind in ("u2l", "l2u") for u, v in program.edges(kind)}
+        warn_undeclared_uses(uses, declared)
+    check_uses(program, uses)

@@ -128,6 +128,19 @@ def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
     return SplitBatches(loader, rank, world_size)
 
 
+def setup(backend: str | None, timeout_s: float, problems: Iterable[Any]) -> tuple[int, int]:
+    """Join the process group; with several ranks, start every rank from rank 0's weights and shard the data.
+
+    Returns this process's rank and the world size.
+    """
+    problems = list(problems)
+    rank, world_size = init_process_group(backend, timeout_s)
+    if world_size > 1:
+        broadcast_parameters(p.module for p in problems if p.module is not None)
+        shard_problems(problems, rank, world_size)
+    return rank, world_size
+
+
 def shard_problems(problems: Iterable[Any], rank: int, world_size: int) -> None:
     """Give every problem this rank's shard of its loaders (its iterators restart there)."""
     for problem in problems:

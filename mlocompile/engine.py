@@ -1,9 +1,8 @@
-"""The Engine: Betty's schedule over compiled per-problem steps, with state write-back.
+"""The Engine: wires problems, the compiler, the step runner and Betty's schedule into a training run.
 
-The user's ``module`` and ``optimizer`` objects are the source of truth: each step
-reads their tensors (aliases, no copies), runs the compiled step and points them at
-the results, so after (or during) training they hold the current parameters and
-optimizer state and ``torch.save`` works as usual.
+What a step reads and writes is ``execution``'s job, when problems step is ``schedule``'s,
+how a step is compiled is ``compiler``'s; the Engine owns the run (loop, validation,
+early stopping, logging, distributed set-up) and the run's state (``state_dict``).
 """
 
 from __future__ import annotations
@@ -15,21 +14,18 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-import passes
 from mlocompile import checkpoint, distributed
 from mlocompile.compiled import CompiledProgram
 from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.config import EngineConfig
-from mlocompile.dependencies import check_uses, declared_levels, find_all_uses, infer_dependencies, warn_undeclared_uses
+from mlocompile.dependencies import check_program, plan_program
 from mlocompile.errors import CheckpointError
 from mlocompile.execution import StepRunner
 from mlocompile.functional import FunctionalProgram
 from mlocompile.monitor import EarlyStopping, MetricsLogger, ProgressBar
 from mlocompile.optim import StateDict, lower_optimizer
 from mlocompile.problem import Problem, attach_problems
-from mlocompile.program import ProgramGraph, build_program
 from mlocompile.schedule import Schedule
-from mlocompile.step import StepVariant
 
 log = logging.getLogger("mlocompile")
 
@@ -57,16 +53,8 @@ class Engine:
         self.problems = list(problems)
         self.env = env
         attach_problems(self.problems, self)
-        explicit = dependencies is not None
-        self.dependencies = (
-            dependencies
-            if dependencies is not None
-            else infer_dependencies(self.problems, eager=self.config.compile == "eager")
-        )
-        self.program: ProgramGraph = passes.run_program_passes(
-            build_program(self.problems, self.dependencies, declared_levels(self.problems) or None)
-        )
-        self._warn_undeclared = explicit
+        self._warn_undeclared = dependencies is not None
+        self.dependencies, self.program = plan_program(self.problems, dependencies, self.config.compile == "eager")
         self.rank, self.world_size = 0, 1
         self._dist_ready = False
         self.global_step = 0
@@ -79,7 +67,7 @@ class Engine:
         self.compiler = Compiler(self.fp, self.program, self.optimizers)
         opts = self.compile_options
         self.runner = StepRunner(self.program, self.fp, self.optimizers, self.compiler, opts, self.config.roll_back)
-        self.schedule = Schedule(self.program, self._start_loop, self._step_once, self._redo)
+        self.schedule = Schedule(self.program, self.runner.start_window, self._step_once, self._redo)
         self.history: list[dict[str, Any]] = []
         self._metrics: MetricsLogger | None = None
         cfg = self.config
@@ -98,14 +86,12 @@ class Engine:
             distributed.check_problems_identical(self.program.problems.values(), self.global_step)
 
     def _setup_distributed(self) -> None:
-        if self.config.strategy != "distributed" or self._dist_ready:
-            return
-        self._dist_ready = True
-        self.rank, self.world_size = distributed.init_process_group(self.config.backend, self.config.dist_timeout_s)
-        if self.world_size == 1:
-            return
-        distributed.broadcast_parameters(p.module for p in self.program.problems.values() if p.module is not None)
-        distributed.shard_problems(self.program.problems.values(), self.rank, self.world_size)
+        if self.config.strategy == "distributed" and not self._dist_ready:
+            self._dist_ready = True
+            cfg = self.config
+            self.rank, self.world_size = distributed.setup(
+                cfg.backend, cfg.dist_timeout_s, self.program.problems.values()
+            )
 
     def run(self) -> None:
         """Train until ``train_iters`` global steps, with validation, early stopping and progress.
@@ -174,14 +160,12 @@ class Engine:
     def train(self) -> None:
         """Put every module in training mode."""
         for problem in self.program.problems.values():
-            if problem.module is not None:
-                problem.module.train()
+            problem.module.train()  # type: ignore[union-attr]  # attach_problems checked it
 
     def eval(self) -> None:
         """Put every module in evaluation mode."""
         for problem in self.program.problems.values():
-            if problem.module is not None:
-                problem.module.eval()
+            problem.module.eval()  # type: ignore[union-attr]
 
     def _validate(self) -> bool:
         self.eval()
@@ -193,12 +177,6 @@ class Engine:
         return self.config.early_stopping and self.early_stopping.update(stats)
 
     # -- what the schedule's steps do ------------------------------------------------------------
-    def _start_loop(self, name: str) -> None:
-        problem = self.program.problems[name]
-        if problem.is_implemented("on_inner_loop_start"):
-            problem.on_inner_loop_start()  # type: ignore[attr-defined]
-        self.runner.begin_window(name)
-
     def _step_once(self, name: str, update: bool) -> None:
         problem = self.program.problems[name]
         batch = problem.cur_batch = problem.get_batch()
@@ -231,13 +209,9 @@ class Engine:
     def compile_options(self) -> CompileOptions:
         """How steps are compiled now (``EngineConfig`` may be edited between steps)."""
         sources = {n: p._init_source.name for n, p in self.program.problems.items() if p._init_source is not None}
+        cfg = self.config  # NOTE: roll_back caches keep old parameters: updates must not overwrite them then
         return CompileOptions(
-            compile=self.config.compile,
-            memory_budget=self.config.memory_budget,
-            world_size=self.world_size,
-            # roll_back caches keep old parameters: then updates must not overwrite them
-            donate=not self.config.roll_back,
-            init_sources=tuple(sorted(sources.items())),
+            cfg.compile, cfg.memory_budget, self.world_size, not cfg.roll_back, tuple(sorted(sources.items()))
         )
 
     # -- compilation support ---------------------------------------------------------------------
@@ -257,26 +231,17 @@ class Engine:
         for name, problem in self.program.problems.items():
             if problem.is_implemented("on_inner_loop_start") and self.schedule.counters[name].loop_start:
                 self.schedule.start_loop(name)
-        uses = find_all_uses(self.problems, eager=self.config.compile == "eager")
-        if self._warn_undeclared:
-            declared = {(u, v) for kind in ("u2l", "l2u") for u, v in self.program.edges(kind)}
-            warn_undeclared_uses(uses, declared)
-        check_uses(self.program, uses)
+        check_program(self.program, self.problems, self.config.compile == "eager", self._warn_undeclared)
         self._checked = True
 
     def compile(self) -> CompiledProgram:
         """Trace every problem's step now (normally done lazily) and return the CompiledProgram."""
         self._check_program()
         for name in self.program.problems:
-            variants = [True] if self.program.problems[name].config.gradient_accumulation == 1 else [False, True]
-            for update in variants:
-                inputs = self.step_inputs(name, self.peek_batch(name))
-                if self.config.compile == "eager":
-                    continue
-                self.compiler.traced(StepVariant(name, update), inputs, self.compile_options())
-        latest = self.compiler.latest
-        graphs = {title: latest[title].gm for title in sorted(latest)}
-        return CompiledProgram(self.program, graphs, self.compiler.report)
+            inputs = self.step_inputs(name, self.peek_batch(name))  # NOTE: also under "eager": inputs must gather
+            if self.config.compile != "eager":
+                self.compiler.trace_all(name, inputs, self.compile_options())
+        return self.compiler.snapshot()
 
     def gradients(self, name: str, batch: Any = None) -> dict[str, Tensor]:
         """Return problem ``name``'s full gradient (direct + hypergradients) without stepping.
@@ -333,8 +298,3 @@ class Engine:
         self.global_step = state["global_step"]
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
-
-
-def compile(engine: Engine) -> CompiledProgram:
-    """Trace and optimize every step of ``engine`` now; return what was emitted."""
-    return engine.compile()

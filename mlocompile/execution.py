@@ -167,10 +167,14 @@ class StepRunner:
                     live[prob][key].copy_(value)
 
     # -- windows and snapshots ------------------------------------------------------------------
-    def begin_window(self, name: str) -> None:
-        """Snapshot ``name`` at the start of an unroll window, for a roll-back or an itd replay."""
+    def start_window(self, name: str) -> None:
+        """Start an unroll window of ``name``: its ``on_inner_loop_start`` hook, then a snapshot
+        for a roll-back or an itd replay."""
+        problem = self.program.problems[name]
+        if problem.is_implemented("on_inner_loop_start"):
+            problem.on_inner_loop_start()  # type: ignore[attr-defined]
         run = self.runs[name]
-        replays = METHOD_RULES[self.program.problems[name].config.type].window
+        replays = METHOD_RULES[problem.config.type].window
         if run.roll_back or replays:
             snapshot = self.snapshot(name)
             run.cache = snapshot if run.roll_back else None

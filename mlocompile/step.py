@@ -55,6 +55,55 @@ def _clip(grads: Params, max_norm: float) -> Params:
     return {k: g * coef for k, g in grads.items()}
 
 
+def _gradients(
+    fp: FunctionalProgram, name: str, wrt_names: list[str], inputs: dict[str, Any], scale: Tensor | None
+) -> tuple[dict[str, Params], Tensor, dict[str, Tensor], Any]:
+    """The training step's forward and backward: gradients of ``name``'s loss w.r.t. ``wrt_names``."""
+    params, buffers = inputs["params"], inputs["buffers"]
+    accumulation = fp.problems[name].config.gradient_accumulation
+
+    def objective(wrt: dict[str, Params]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Any]]:
+        merged = params
+        for key, value in wrt.items():
+            merged = with_params(merged, key, value)
+        loss, logs, state = fp.loss_and_buffers(name, merged, buffers, inputs["batch"])
+        scaled = loss / accumulation
+        return (scaled if scale is None else scaled * scale), (loss, logs, state)
+
+    with annotate(problem=name, role="grad"):
+        # NOTE: this forward is the training step's; it alone advances buffers (BatchNorm running
+        # statistics). Re-evaluations inside hypergradients read them and drop their updates.
+        grads, (loss, logs, new_buffers) = torch.func.grad(objective, has_aux=True)({k: params[k] for k in wrt_names})
+        if scale is not None:  # unscale at once: hypergradients and updates see true values
+            grads = {p: {k: g / scale for k, g in gs.items()} for p, gs in grads.items()}
+    return grads, loss, logs, new_buffers
+
+
+def _update(
+    problem: Any, opt: FunctionalOptimizer, params: Params, total: Params, inputs: dict[str, Any], found_inf: Any
+) -> tuple[Params, Any]:
+    """The update of a step: callbacks, clipping, the optimizer, and (fp16) skipping on overflow."""
+    name, cfg = problem.name, problem.config
+    with annotate(problem=name, role="callback"):
+        if problem.is_implemented("grad_callback"):
+            total = problem.grad_callback(total) or total
+    with annotate(problem=name, role="update"):
+        if cfg.gradient_clipping > 0:
+            total = _clip(total, cfg.gradient_clipping)
+        new_params, new_state = opt.update(params, total, inputs["opt"], inputs["hyper"])
+    with annotate(problem=name, role="callback"):
+        if problem.is_implemented("param_callback"):
+            new_params = problem.param_callback(new_params) or new_params
+    if found_inf is not None:
+        with annotate(problem=name, role="update"):  # skip the step on overflow (GradScaler)
+            new_params = {k: torch.where(found_inf, params[k], t) for k, t in new_params.items()}
+            new_state = {
+                k: {s: torch.where(found_inf, inputs["opt"][k][s], t) for s, t in st.items()}
+                for k, st in new_state.items()
+            }
+    return new_params, new_state
+
+
 def build_step(
     fp: FunctionalProgram,
     program: ProgramGraph,
@@ -76,7 +125,6 @@ def build_step(
     """
     name = variant.problem
     problem = program.problems[name]
-    cfg = problem.config
     plan = program.plans.get(name, [])
     ends = program.path_ends.get(name, [])
     firsts = sorted({op.curr for op in plan if op.source is None})
@@ -94,22 +142,7 @@ def build_step(
     def body(inputs: dict[str, Any]) -> dict[str, Any]:
         params, buffers = inputs["params"], inputs["buffers"]
         scale = inputs.get("scale")  # fp16 only: dynamic loss scale, as GradScaler keeps it
-
-        def objective(wrt: dict[str, Params]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Any]]:
-            merged = params
-            for key, value in wrt.items():
-                merged = with_params(merged, key, value)
-            loss, logs, state = fp.loss_and_buffers(name, merged, buffers, inputs["batch"])
-            scaled = loss / cfg.gradient_accumulation
-            return (scaled if scale is None else scaled * scale), (loss, logs, state)
-
-        wrt = {key: params[key] for key in [name, *firsts]}
-        with annotate(problem=name, role="grad"):
-            # NOTE: this forward is the training step's; it alone advances buffers (BatchNorm running
-            # statistics). Re-evaluations inside hypergradients read them and drop their updates.
-            grads, (loss, logs, new_buffers) = torch.func.grad(objective, has_aux=True)(wrt)
-            if scale is not None:  # unscale at once: hypergradients and updates see true values
-                grads = {p: {k: g / scale for k, g in gs.items()} for p, gs in grads.items()}
+        grads, loss, logs, new_buffers = _gradients(fp, name, [name, *firsts], inputs, scale)
         total = dict(grads[name])
         if plan:
             windows = {k: Window(**w) for k, w in inputs["windows"].items()}
@@ -137,23 +170,7 @@ def build_step(
         if not variant.update:
             out.update(params={}, opt={}, acc=total)
             return out
-        with annotate(problem=name, role="callback"):
-            if problem.is_implemented("grad_callback"):
-                total = problem.grad_callback(total) or total  # type: ignore[attr-defined]
-        with annotate(problem=name, role="update"):
-            if cfg.gradient_clipping > 0:
-                total = _clip(total, cfg.gradient_clipping)
-            new_params, new_state = opt.update(params[name], total, inputs["opt"], inputs["hyper"])
-        with annotate(problem=name, role="callback"):
-            if problem.is_implemented("param_callback"):
-                new_params = problem.param_callback(new_params) or new_params  # type: ignore[attr-defined]
-        if found_inf is not None:
-            with annotate(problem=name, role="update"):  # skip the step on overflow (GradScaler)
-                new_params = {k: torch.where(found_inf, params[name][k], t) for k, t in new_params.items()}
-                new_state = {
-                    k: {s: torch.where(found_inf, inputs["opt"][k][s], t) for s, t in st.items()}
-                    for k, st in new_state.items()
-                }
+        new_params, new_state = _update(problem, opt, params[name], total, inputs, found_inf)
         out.update(params=new_params, opt=new_state, acc={})
         return out
 
