@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,14 @@ class CompileOptions:
     world_size: int = 1
     donate: bool = False
     init_sources: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any, world_size: int, problems: Mapping[str, Any]) -> CompileOptions:
+        """What ``EngineConfig`` and the problems say now (``roll_back`` caches old parameters: no donation)."""
+        sources = {n: p._init_source.name for n, p in problems.items() if p._init_source is not None}
+        return cls(
+            config.compile, config.memory_budget, world_size, not config.roll_back, tuple(sorted(sources.items()))
+        )
 
 
 class Compiler:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from dataclasses import dataclass
 
 from mlocompile.errors import ProgramError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("eager", "fx", "inductor")
+LOGGER_TYPES = ("none", "tensorboard")
+STRATEGIES = ("default", "cpu", "gpu", "distributed")
 
 
 @dataclass
@@ -51,21 +55,48 @@ class Config:
         (``program.build_program``, with ``hypergrad.METHOD_RULES``).
         """
         where = f"Config of problem {problem!r}"
-        if self.precision not in PRECISIONS:
-            raise ProgramError(f"{where}: precision={self.precision!r}; use one of {list(PRECISIONS)}")
-        for name in ("unroll_steps", "gradient_accumulation"):
-            if int(getattr(self, name)) < 1:
-                raise ProgramError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("neumann_iterations", "cg_iterations", "warmup_steps", "itd_segments"):
-            if int(getattr(self, name)) < 0:
-                raise ProgramError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
-        if self.darts_alpha <= 0 or self.cg_alpha <= 0 or self.neumann_alpha <= 0:
-            raise ProgramError(f"{where}: darts_alpha, neumann_alpha and cg_alpha must be > 0")
+        _one_of(where, "precision", self.precision, PRECISIONS)
+        for name in ("unroll_steps", "gradient_accumulation", "neumann_iterations", "cg_iterations"):
+            _require(where, name, getattr(self, name), _is_int(getattr(self, name), 1), "an integer >= 1")
+        for name in ("warmup_steps", "itd_segments", "scale_growth_interval"):
+            _require(where, name, getattr(self, name), _is_int(getattr(self, name), 0), "an integer >= 0")
+        _require(
+            where, "log_step", self.log_step, _is_int(self.log_step, -1), "an integer (<= 0: EngineConfig.log_every)"
+        )
+        _require(
+            where,
+            "gradient_clipping",
+            self.gradient_clipping,
+            _is_finite(self.gradient_clipping, 0.0),
+            "a finite number >= 0 (0: off)",
+        )
+        for name in ("darts_alpha", "neumann_alpha", "cg_alpha"):
+            value = getattr(self, name)
+            _require(where, name, value, _is_finite(value, 0.0) and value > 0, "a finite number > 0")
         if self.precision == "fp16" and (self.initial_dynamic_scale <= 0 or self.scale_factor <= 1):
             raise ProgramError(
                 f"{where}: precision='fp16' needs dynamic loss scaling: initial_dynamic_scale > 0 and "
                 f"scale_factor > 1 (got {self.initial_dynamic_scale}, {self.scale_factor})"
             )
+
+
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_finite(value: object, low: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def _require(where: str, name: str, value: object, ok: bool, allowed: str) -> None:
+    """Raise ProgramError naming the field, its value and what is allowed, unless ``ok``."""
+    if not ok:
+        raise ProgramError(f"{where}: {name}={value!r}; {name} must be {allowed}")
+
+
+def _one_of(where: str, name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ProgramError(f"{where}: {name}={value!r}; use one of {list(allowed)}")
 
 
 @dataclass
@@ -97,18 +128,30 @@ class EngineConfig:
     check_finite: bool = True
 
     def validate(self) -> None:
-        """Raise ProgramError for any out-of-range field."""
-        if self.compile not in COMPILE_MODES:
-            raise ProgramError(f"EngineConfig.compile={self.compile!r}; use one of {list(COMPILE_MODES)}")
-        if self.early_stopping_mode not in ("min", "max"):
-            raise ProgramError(f"EngineConfig.early_stopping_mode={self.early_stopping_mode!r}; use 'min' or 'max'")
-        if self.train_iters < 0 or self.valid_step < 1:
-            raise ProgramError("EngineConfig: train_iters must be >= 0 and valid_step >= 1")
-        if self.memory_budget is not None and self.memory_budget <= 0:
+        """Raise ProgramError naming the field, its value and what is allowed, for any bad field."""
+        where = "EngineConfig"
+        _one_of(where, "compile", self.compile, COMPILE_MODES)
+        _one_of(where, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
+        _one_of(where, "strategy", self.strategy, STRATEGIES)
+        _one_of(where, "logger_type", self.logger_type, LOGGER_TYPES)
+        for name, low in (("train_iters", 0), ("valid_step", 1), ("early_stopping_tolerance", 1)):
+            _require(where, name, getattr(self, name), _is_int(getattr(self, name), low), f"an integer >= {low}")
+        for name in ("log_every", "dist_check_every"):
+            _require(where, name, getattr(self, name), _is_int(getattr(self, name), 0), "an integer >= 0 (0: never)")
+        _require(
+            where,
+            "dist_timeout_s",
+            self.dist_timeout_s,
+            _is_finite(self.dist_timeout_s, 0.0) and self.dist_timeout_s > 0,
+            "a number of seconds > 0",
+        )
+        if self.memory_budget is not None and not (_is_finite(self.memory_budget, 0.0) and self.memory_budget > 0):
             raise ProgramError(
-                "EngineConfig.memory_budget must be > 0: bytes, or a fraction (<= 1) of the estimated peak"
+                f"EngineConfig.memory_budget={self.memory_budget!r}; memory_budget must be > 0: bytes, or a "
+                "fraction (<= 1) of the estimated peak"
             )
-        if self.strategy not in ("default", "cpu", "gpu", "distributed"):
+        if self.logger_type == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ProgramError(
-                f"EngineConfig.strategy={self.strategy!r}; use 'default' or 'distributed' (data parallel)"
+                "EngineConfig.logger_type='tensorboard' needs TensorBoard, which is not installed: "
+                "pip install tensorboard (or use logger_type='none'; metrics still go to output_dir)"
             )

@@ -1,12 +1,12 @@
-"""The Engine: wires problems, the compiler, the step runner and Betty's schedule into a training run.
+"""The Engine: wires problems, compiler, step runner (``execution``) and Betty's schedule into a run.
 
-What a step reads and writes is ``execution``'s job, when problems step is ``schedule``'s,
-how a step is compiled is ``compiler``'s; the Engine owns the run (loop, validation,
-early stopping, logging, distributed set-up) and the run's state (``state_dict``).
+The Engine owns the run (loop, validation, early stopping, logging, distributed set-up)
+and its state (``state_dict``); steps are ``execution``'s, when they happen ``schedule``'s.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +23,7 @@ from mlocompile.errors import CheckpointError
 from mlocompile.execution import StepRunner
 from mlocompile.functional import FunctionalProgram
 from mlocompile.monitor import EarlyStopping, MetricsLogger, ProgressBar
-from mlocompile.optim import StateDict, lower_optimizer
+from mlocompile.optim import StateDict, lower_optimizers
 from mlocompile.problem import Problem, attach_problems
 from mlocompile.schedule import Schedule
 
@@ -60,20 +60,14 @@ class Engine:
         self.global_step = 0
         self._checked = False
         self.fp = FunctionalProgram(self.program.problems)
-        self.optimizers = {
-            n: lower_optimizer(p.optimizer, p.named_trainable_parameters())  # type: ignore[arg-type]  # attached
-            for n, p in self.program.problems.items()
-        }
+        self.optimizers = lower_optimizers(self.program.problems)
         self.compiler = Compiler(self.fp, self.program, self.optimizers)
         opts = self.compile_options
         self.runner = StepRunner(self.program, self.fp, self.optimizers, self.compiler, opts, self.config.roll_back)
         self.schedule = Schedule(self.program, self.runner.start_window, self._step_once, self._redo)
         self.history: list[dict[str, Any]] = []
         self._metrics: MetricsLogger | None = None
-        cfg = self.config
-        self.early_stopping = EarlyStopping(
-            cfg.early_stopping_metric, cfg.early_stopping_mode, cfg.early_stopping_tolerance
-        )
+        self.early_stopping = EarlyStopping.from_config(self.config)
 
     # -- public schedule ------------------------------------------------------------------
     def train_step(self) -> None:
@@ -208,11 +202,7 @@ class Engine:
 
     def compile_options(self) -> CompileOptions:
         """How steps are compiled now (``EngineConfig`` may be edited between steps)."""
-        sources = {n: p._init_source.name for n, p in self.program.problems.items() if p._init_source is not None}
-        cfg = self.config  # NOTE: roll_back caches keep old parameters: updates must not overwrite them then
-        return CompileOptions(
-            cfg.compile, cfg.memory_budget, self.world_size, not cfg.roll_back, tuple(sorted(sources.items()))
-        )
+        return CompileOptions.from_config(self.config, self.world_size, self.program.problems)
 
     # -- compilation support ---------------------------------------------------------------------
     def peek_batch(self, name: str) -> Any:
@@ -276,21 +266,29 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned, into an engine built the same way.
+        """Restore what ``state_dict`` returned, into an engine built the same way; all or nothing.
 
         Raises:
-            CheckpointError: the problems or a module's parameters differ from the saved ones.
+            CheckpointError: naming the first mismatch (problems, parameter and buffer names, shapes
+                and dtypes, optimizer and scheduler kinds, schedule, unroll windows); nothing changed.
         """
-        saved, mine = sorted(state["problems"]), sorted(self.program.problems)
+        saved, mine = sorted(state.get("problems", {})), sorted(self.program.problems)
         if saved != mine:
-            raise CheckpointError(
-                f"checkpoint problems {saved} differ from the engine's {mine}; build the engine the same way"
-            )
+            raise CheckpointError(f"checkpoint problems {saved} differ from the engine's {mine}; build it the same way")
         for name, p in self.program.problems.items():
-            try:
-                p.load_state_dict(state["problems"][name])
-            except RuntimeError as exc:
-                raise CheckpointError(f"problem {name!r}: module does not match the checkpoint: {exc}") from exc
+            p.check_state_dict(state["problems"][name])
+        self.schedule.check_state_dict(state.get("schedule", {}))
+        self.runner.check_state_dict(state.get("runs", {}))
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self._apply_state(state)
+        except BaseException:
+            self._apply_state(before)  # NOTE: a failure half-way leaves the engine as it was
+            raise
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        for name, p in self.program.problems.items():
+            p.load_state_dict(state["problems"][name])
             self.optimizers[name].load_state_dict(state["problems"][name]["functional_optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.runner.load_state_dict(state["runs"])

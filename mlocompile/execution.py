@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mlocompile.compiler import CompileOptions, Compiler
-from mlocompile.errors import NonFiniteError
+from mlocompile.errors import CheckpointError, NonFiniteError
 from mlocompile.functional import FunctionalProgram
 from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
@@ -227,6 +227,30 @@ class StepRunner:
     def state_dict(self) -> dict[str, Any]:
         """Every problem's ``ProblemRun``, as plain data (snapshots included)."""
         return {name: asdict(run) for name, run in self.runs.items()}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise CheckpointError naming the first saved window or snapshot that does not fit this program."""
+        for name, problem in self.program.problems.items():
+            saved = state.get(name)
+            if saved is None:
+                raise CheckpointError(f"checkpoint has no step state for problem {name!r}")
+            if saved["window"] is not None and not METHOD_RULES[problem.config.type].window:
+                raise CheckpointError(
+                    f"checkpoint problem {name!r} holds an unroll window, but its method here is {problem.config.type!r}"
+                )
+            params = self.fp.named_params()[name]
+            for what in ("cache", "window"):
+                snap = saved[what]
+                if snap is None:
+                    continue
+                shapes = {k: tuple(t.shape) for k, t in snap["params"].items()}
+                if shapes != {k: tuple(p.shape) for k, p in params.items()}:
+                    raise CheckpointError(f"checkpoint problem {name!r}: its {what} holds other parameters than here")
+                if what == "window" and len(snap["batches"]) > problem.config.unroll_steps:
+                    raise CheckpointError(
+                        f"checkpoint problem {name!r}: its window holds {len(snap['batches'])} steps, "
+                        f"more than unroll_steps={problem.config.unroll_steps}"
+                    )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` wrote."""

@@ -61,6 +61,11 @@ class EarlyStopping:
         self.best: float | None = None
         self.counter = 0
 
+    @classmethod
+    def from_config(cls, config: Any) -> EarlyStopping:
+        """From ``EngineConfig``'s ``early_stopping_metric``, ``_mode`` and ``_tolerance``."""
+        return cls(config.early_stopping_metric, config.early_stopping_mode, config.early_stopping_tolerance)
+
     def update(self, stats: dict[str, Any]) -> bool:
         """Record one validation's ``stats``; return whether to stop.
 

@@ -15,6 +15,7 @@ multiply-add on CPU, which ``torch.addcmul(x, y, a_tensor)`` /
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +265,11 @@ def lower_optimizer(
             or parameters that differ between ``optimizer`` and ``named_params``.
     """
     return FunctionalOptimizer(optimizer, named_params)
+
+
+def lower_optimizers(problems: Mapping[str, Any]) -> dict[str, FunctionalOptimizer]:
+    """Lower every problem's optimizer over its trainable parameters, by problem name."""
+    return {n: lower_optimizer(p.optimizer, p.named_trainable_parameters()) for n, p in problems.items()}
 
 
 # Scalars are computed in float64 (torch's Python-float arithmetic), then cast to the

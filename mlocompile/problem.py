@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mlocompile.config import Config
-from mlocompile.errors import ProgramError
+from mlocompile.errors import CheckpointError, ProgramError
 
 _HOOKS = ("on_inner_loop_start", "grad_callback", "param_callback", "validation_step")
 
@@ -212,12 +212,34 @@ class Problem:
             raise ProgramError(f"problem {self._name!r}: state_dict needs a module and an optimizer")
         return {
             "module": self.module.state_dict(),
+            "optimizer_kind": type(self.optimizer).__name__,
             "optimizer": self.optimizer.state_dict(),
+            "scheduler_kind": None if self.scheduler is None else type(self.scheduler).__name__,
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "data": self.data_state(),
             "cur_batch": self.cur_batch,
             "init_source": None if self._init_source is None else self._init_source.name,
         }
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise CheckpointError naming the first way ``state`` does not fit this problem; change nothing."""
+        where = f"checkpoint problem {self._name!r}"
+        if self.module is None or self.optimizer is None:
+            raise CheckpointError(f"{where}: the problem has no module or optimizer to load into")
+        _check_tensors(f"{where}: module", state["module"], self.module.state_dict())
+        kind = type(self.optimizer).__name__
+        if state["optimizer_kind"] != kind:
+            raise CheckpointError(f"{where}: optimizer is {state['optimizer_kind']}, this engine's is {kind}")
+        saved_groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        groups = [len(g["params"]) for g in self.optimizer.param_groups]
+        if saved_groups != groups:
+            raise CheckpointError(f"{where}: optimizer parameter groups hold {saved_groups} parameters, here {groups}")
+        sched = None if self.scheduler is None else type(self.scheduler).__name__
+        if state["scheduler_kind"] != sched:
+            raise CheckpointError(f"{where}: scheduler is {state['scheduler_kind']}, this engine's is {sched}")
+        source = state["init_source"]
+        if source is not None and source not in self._peers:
+            raise CheckpointError(f"{where}: starts from problem {source!r}, which this engine does not have")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (the problem it started from is found by name)."""
@@ -254,6 +276,22 @@ class Problem:
         self.epoch_counter = list(state["epoch_counter"])
         self._iter_rng = list(state["iter_rng"])
         self._consumed = list(state["consumed"])
+
+
+def _check_tensors(where: str, saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
+    """Raise CheckpointError for the first name, shape or dtype in which ``saved`` and ``live`` differ."""
+    if saved.keys() != live.keys():
+        extra, lacking = sorted(saved.keys() - live.keys()), sorted(live.keys() - saved.keys())
+        raise CheckpointError(f"{where} does not match: unexpected {extra}, missing {lacking}")
+    for key, value in saved.items():
+        mine = live[key]
+        if isinstance(mine, torch.Tensor) and (
+            not isinstance(value, torch.Tensor) or value.shape != mine.shape or value.dtype != mine.dtype
+        ):
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(
+                f"{where} does not match at {key!r}: saved {got}, here {tuple(mine.shape)} {mine.dtype}"
+            )
 
 
 def attach_problems(problems: Sequence[Problem], owner: object) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mlocompile.errors import CheckpointError
 from mlocompile.program import ProgramGraph
 
 
@@ -86,6 +87,13 @@ class Schedule:
     def state_dict(self) -> dict[str, Any]:
         """Every problem's counters, as plain data."""
         return {name: asdict(c) for name, c in self.counters.items()}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise CheckpointError unless ``state`` has these problems' counters, with these children."""
+        for name, counters in self.counters.items():
+            saved = state.get(name)
+            if saved is None or set(saved["ready"]) != set(counters.ready):
+                raise CheckpointError(f"checkpoint schedule of problem {name!r} does not match this program's")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters written by ``state_dict``."""

@@ -52,12 +52,15 @@ def mwn_data(seed: int = 0, n: int = 64, d: int = 6, classes: int = 3, batch: in
     return [(x[i : i + batch], t[i : i + batch]) for i in range(0, n, batch)]
 
 
-def mwn_engine(method: str = "darts", backend: str = "fx", unroll: int = 1, seed: int = 0, **engine_kw):
-    """A tiny Meta-Weight-Net program: inner MLP classifier, outer weighting net."""
+def mwn_engine(
+    method: str = "darts", backend: str = "fx", unroll: int = 1, seed: int = 0, lower_config=None, **engine_kw
+):
+    """A tiny Meta-Weight-Net program: inner MLP classifier, outer weighting net (``lower_config``: the inner's)."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     wnet = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
     cfg = mlo.Config(type=method, unroll_steps=unroll, neumann_iterations=2, neumann_alpha=0.1, cg_iterations=2)
+    cfg = cfg if lower_config is None else lower_config
     inner = Reweighted(
         "inner", cfg, net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), train_data_loader=mwn_data(seed)
     )
