@@ -48,6 +48,7 @@ class CompileOptions:
     world_size: int = 1
     donate: bool = False
     init_sources: tuple[tuple[str, str], ...] = ()
+    check_finite: bool = True
 
     @classmethod
     def from_config(cls, config: Any, world_size: int, problems: Mapping[str, Any]) -> CompileOptions:
@@ -82,7 +83,10 @@ class Compiler:
 
     def step_fn(self, variant: StepVariant, options: CompileOptions) -> StepFn:
         """Return the (cached) pure step function of ``variant``."""
-        key = (variant, options.init_sources, options.world_size, options.memory_budget, self.config_key())
+        # NOTE: an fx update that overwrites its inputs must not write a non-finite result: it keeps
+        # the old values then (the engine raises NonFiniteError with the parameters intact)
+        guard = options.check_finite and options.compile == "fx" and self._may_donate(variant, options)
+        key = (variant, options.init_sources, options.world_size, options.memory_budget, guard, self.config_key())
         if key not in self._fns:
             self._fns[key] = build_step(
                 self.fp,
@@ -92,6 +96,7 @@ class Compiler:
                 variant,
                 options.world_size,
                 memory_budget=options.memory_budget,
+                guard_non_finite=guard,
             )
         return self._fns[key]
 
@@ -174,10 +179,8 @@ class Compiler:
         (``options.donate`` is False then), an itd window, a problem started from another
         one's parameters, or another input sharing the storage.
         """
-        if not (options.donate and variant.update) or options.init_sources:
+        if not self._may_donate(variant, options):
             return frozenset()
-        if any(METHOD_RULES[p.config.type].window for p in self.program.problems.values()):
-            return frozenset()  # itd windows hold the parameters of every step of the unroll
         prefix = f"params.{variant.problem}."
         names = [n.meta["mlo.input"] for n in traced.gm.graph.nodes if n.op == "placeholder"]
         ptrs = [t.untyped_storage().data_ptr() for t in flat.tensors]
@@ -187,6 +190,12 @@ class Compiler:
             if (name.startswith(prefix) or (name.startswith("opt.") and not name.endswith(".step")))
             and ptrs.count(ptr) == 1
         )
+
+    def _may_donate(self, variant: StepVariant, options: CompileOptions) -> bool:
+        if not (options.donate and variant.update) or options.init_sources:
+            return False
+        # itd windows hold the parameters of every step of the unroll
+        return not any(METHOD_RULES[p.config.type].window for p in self.program.problems.values())
 
     def param_sizes(self) -> dict[str, int]:
         """Flattened trainable-parameter count per problem."""

@@ -112,6 +112,7 @@ def build_step(
     variant: StepVariant,
     world_size: int = 1,
     memory_budget: float | None = None,
+    guard_non_finite: bool = False,
 ) -> StepFn:
     """Return the pure step function of ``variant.problem``.
 
@@ -119,7 +120,9 @@ def build_step(
     ``last`` (last batches of the problems on this problem's paths), ``opt`` and
     ``hyper`` (optimizer state and hyperparameters), ``acc`` (accumulated gradient,
     possibly empty) and ``windows`` (itd replays); ``memory_budget`` (EngineConfig's)
-    cuts itd replays into segments. Outputs: ``params``, ``opt``,
+    cuts itd replays into segments; with ``guard_non_finite`` an update whose loss or gradient
+    is not finite returns the old parameters and state (an update that overwrites its inputs
+    then leaves them intact). Outputs: ``params``, ``opt``,
     ``acc``, ``loss``, ``grad_norm``, ``logs`` and ``buffers`` (every problem's buffers after
     this step's forward: BatchNorm running statistics advanced once per step).
     """
@@ -167,6 +170,9 @@ def build_step(
         found_inf = ~torch.isfinite(grad_norm) if scale is not None else None
         if found_inf is not None:
             out["found_inf"] = found_inf
+        elif guard_non_finite and variant.update:
+            with annotate(problem=name, role="update"):
+                found_inf = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         if not variant.update:
             out.update(params={}, opt={}, acc=total)
             return out

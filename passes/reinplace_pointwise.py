@@ -63,6 +63,26 @@ def _read_later(a: Node, n: Node, pos: dict[Node, int]) -> bool:
     return False
 
 
+def _write_where_into_its_else_input(n: Node, owned: set[Node], returned: set[Node], pos: dict[Node, int]) -> bool:
+    """``where(c, x, y)`` -> ``where(c, x, y, out=x)`` when ``x`` is an owned, dead buffer of the result's layout.
+
+    A guarded update (``where(non_finite, old, new)``) then writes into the donated old
+    parameter: each element reads ``x`` before it writes it.
+    """
+    x = n.args[1]
+    if not isinstance(x, Node) or x in returned or x not in owned or _read_later(x, n, pos):
+        return False
+    vx, vn = x.meta.get("val"), n.meta.get("val")
+    if not isinstance(vx, torch.Tensor) or not isinstance(vn, torch.Tensor):
+        return False
+    if vx.shape != vn.shape or vx.dtype != vn.dtype or vx.stride() != vn.stride():
+        return False
+    n.target = aten.where.self_out
+    n.kwargs = {"out": x}
+    owned.add(n)
+    return True
+
+
 def reinplace_pointwise(gm: GraphModule, donated: frozenset[str] = frozenset()) -> GraphModule:
     """Turn pointwise ops whose first input is a dead temporary into their in-place variants.
 
@@ -93,6 +113,8 @@ def reinplace_pointwise(gm: GraphModule, donated: frozenset[str] = frozenset()) 
     for n in nodes:
         target = n.target
         if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target is aten.where.self and _write_where_into_its_else_input(n, owned, returned, pos):
             continue
         if torch.Tag.pointwise not in target.tags or not n.args or not isinstance(n.args[0], Node):
             continue

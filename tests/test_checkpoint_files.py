@@ -158,3 +158,24 @@ def test_a_failure_while_applying_restores_the_engine(saved, monkeypatch):
     assert len(calls) == 2  # the saved state, then the engine's own state back
     check()
     assert fresh.schedule.counters["inner"].count == 1
+
+
+@pytest.mark.parametrize("backend", ["eager", "fx"])
+def test_a_non_finite_step_changes_no_parameter_or_optimizer_state(backend, tmp_path):
+    """Under fx an update writes into its donated inputs: a NaN step must write the old values back."""
+    engine = mwn_engine("darts", backend)
+    for _ in range(3):
+        engine.train_step()
+    inner = engine.program.problems["inner"]
+    before = {k: v.clone() for k, v in inner.module.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in inner.optimizer.state.values()]
+    x, t = inner.train_data_loader[0]
+    inner.train_data_loader = [(torch.full_like(x, float("nan")), t)]
+    inner._iterators = None
+    with pytest.raises(mlo.NonFiniteError, match="problem 'inner'"):
+        engine.train_step()
+    assert all(torch.equal(v, before[k]) for k, v in inner.module.state_dict().items())
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(inner.optimizer.state.values(), momentum))
+    engine.save(str(tmp_path / "after_nan.pt"))
+    saved = checkpoint.read(str(tmp_path / "after_nan.pt"))
+    assert all(torch.isfinite(v).all() for v in saved["problems"]["inner"]["module"].values())
