@@ -24,7 +24,7 @@ demo: $(VENV)/.ready
 	$(BIN)/mlocompile plot $(OUT)/demo -o $(OUT)/demo/curves.png
 
 test: $(VENV)/.ready
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): ~10 min on 2 cores, ~17 serially
 
 bench: $(VENV)/.ready
 	$(BIN)/python benchmarks/run.py
