@@ -52,10 +52,16 @@ class CompileOptions:
 
     @classmethod
     def from_config(cls, config: Any, world_size: int, problems: Mapping[str, Any]) -> CompileOptions:
-        """What ``EngineConfig`` and the problems say now (``roll_back`` caches old parameters: no donation)."""
+        """What ``EngineConfig`` and the problems say now: donation only with ``in_place_updates``, never
+        under ``roll_back`` (its cache holds the old parameters)."""
         sources = {n: p._init_source.name for n, p in problems.items() if p._init_source is not None}
         return cls(
-            config.compile, config.memory_budget, world_size, not config.roll_back, tuple(sorted(sources.items()))
+            config.compile,
+            config.memory_budget,
+            world_size,
+            config.in_place_updates and not config.roll_back,
+            tuple(sorted(sources.items())),
+            config.check_finite,
         )
 
 

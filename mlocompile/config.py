@@ -106,6 +106,13 @@ class EngineConfig:
     Betty's fields keep their names and meanings; ``compile`` picks the backend that
     runs the emitted steps: ``"eager"`` (the step functions run untraced), ``"fx"``
     (traced aten-level GraphModules after the pass pipeline) or ``"inductor"``.
+
+    ``in_place_updates`` (not in Betty; default False): an fx update step writes the new
+    parameters and optimizer state into the old tensors, as ``torch.optim`` does, which
+    saves one copy of them at the peak. The price: a ``train_step`` that fails after such
+    an update (a later problem's error, a KeyboardInterrupt) cannot be undone, so the
+    engine then refuses to step or save until ``load``. Off, every ``train_step`` is all
+    or nothing (see the README's "Training runs").
     """
 
     train_iters: int = 50000
@@ -126,6 +133,7 @@ class EngineConfig:
     dist_timeout_s: float = 300.0
     dist_check_every: int = 0
     check_finite: bool = True
+    in_place_updates: bool = False
 
     def validate(self) -> None:
         """Raise ProgramError naming the field, its value and what is allowed, for any bad field."""

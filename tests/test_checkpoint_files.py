@@ -160,10 +160,10 @@ def test_a_failure_while_applying_restores_the_engine(saved, monkeypatch):
     assert fresh.schedule.counters["inner"].count == 1
 
 
-@pytest.mark.parametrize("backend", ["eager", "fx"])
-def test_a_non_finite_step_changes_no_parameter_or_optimizer_state(backend, tmp_path):
-    """Under fx an update writes into its donated inputs: a NaN step must write the old values back."""
-    engine = mwn_engine("darts", backend)
+@pytest.mark.parametrize("backend,in_place", [("eager", False), ("fx", False), ("fx", True)])
+def test_a_non_finite_step_changes_no_parameter_or_optimizer_state(backend, in_place, tmp_path):
+    """With in_place_updates an fx update writes into its donated inputs: a NaN step must write the old values."""
+    engine = mwn_engine("darts", backend, in_place_updates=in_place)
     for _ in range(3):
         engine.train_step()
     inner = engine.program.problems["inner"]

@@ -78,7 +78,7 @@ def _check_same_bits(functional, reinplaced, tensors, name):
 
 @pytest.mark.parametrize("method", ["darts", "neumann", "cg", "itd"])
 def test_step_graphs_compute_the_same_bits_and_write_only_donated_inputs(method):
-    engine = mwn_engine(method, "fx", unroll=2)
+    engine = mwn_engine(method, "fx", unroll=2, in_place_updates=True)
     for _ in range(4):
         engine.train_step()
     for name in ("inner", "outer"):
@@ -98,8 +98,10 @@ def test_three_level_step_graphs_unchanged_in_value():
         _check_same_bits(functional, reinplaced, tensors, name)
 
 
-def test_no_donation_under_roll_back():
-    engine = mwn_engine("darts", "fx", roll_back=True)
+@pytest.mark.parametrize("settings", [{"roll_back": True, "in_place_updates": True}, {}])
+def test_no_donation_under_roll_back_or_by_default(settings):
+    """Donation needs ``in_place_updates`` (atomic steps keep the old values) and no roll_back cache."""
+    engine = mwn_engine("darts", "fx", **settings)
     for _ in range(3):
         engine.train_step()
     functional, reinplaced, tensors = _functional_and_reinplaced(engine, "inner")
