@@ -1,11 +1,11 @@
 """Command line: run an MLO program and print or draw what mlocompile compiled.
 
-    mlocompile run   EXAMPLE [--compile fx] [--iters N] [--out DIR] [--nproc N]
+    mlocompile run   EXAMPLE [--compile fx] [--iters N] [--out DIR] [--nproc N] [--[no-]progress]
     mlocompile ir    EXAMPLE          # the annotated IR
     mlocompile code  EXAMPLE          # the generated Python of every step
     mlocompile graph EXAMPLE -o FILE  # diagram (.svg/.png/.pdf/.dot), --kind program|step
     mlocompile cost  EXAMPLE          # static FLOPs / memory estimates
-    mlocompile plot  RUN_DIR -o FILE.png
+    mlocompile plot  RUN_DIR -o FILE.png [--smooth N]  # losses and validation metrics
 
 EXAMPLE is a script path (its ``build()`` returns an Engine) or ``module:function``.
 """
@@ -28,14 +28,18 @@ import mlocompile as mlo
 from mlocompile import distributed
 from mlocompile.engine import Engine
 from mlocompile.errors import CliError, MLOError
-from mlocompile.monitor import read_metrics
+from mlocompile.monitor import metric_panels, plot_metrics, read_metrics
+
+EXAMPLE_HELP = "a script whose build() returns an Engine, or module:function"
+COMPILE_HELP = "backend for every step (EngineConfig.compile; default: the example's)"
 
 
 def load_engine(target: str, **overrides: Any) -> Any:
     """Build the Engine that ``target`` (``path.py`` or ``module:function``) returns.
 
-    ``overrides`` (e.g. ``iters``, ``compile``) are passed to the builder when its
-    signature accepts them, and applied to the engine's config otherwise.
+    ``overrides`` (``iters``, ``compile``, ``progress``; None: not given) are passed to the
+    builder when its signature accepts them, then set on the engine's config, so they win
+    over what the builder chose (the examples' ``build()`` turns ``progress`` off).
     """
     if ":" in target and not target.endswith(".py"):
         mod_name, func_name = target.split(":", 1)
@@ -63,6 +67,8 @@ def load_engine(target: str, **overrides: Any) -> Any:
         engine.config.train_iters = overrides["iters"]
     if overrides.get("compile") is not None:
         engine.config.compile = overrides["compile"]
+    if overrides.get("progress") is not None:
+        engine.config.progress = overrides["progress"]
     return engine
 
 
@@ -91,6 +97,7 @@ def _launch(args: argparse.Namespace) -> None:
     for flag, value in (("--compile", args.compile), ("--iters", args.iters), ("--out", args.out)):
         if value is not None:
             cmd += [flag, str(value)]
+    cmd.append("--progress" if _progress(args) else "--no-progress")  # the children's stdout is no terminal
     code = subprocess.call(cmd)
     if code:
         raise CliError(f"torchrun exited with status {code}")
@@ -100,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if args.nproc > 1 and "RANK" not in os.environ:
         _launch(args)
         return
-    engine = load_engine(args.example, iters=args.iters, compile=args.compile)
+    engine = load_engine(args.example, iters=args.iters, compile=args.compile, progress=_progress(args))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         engine.config.strategy = "distributed"
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.example.split(":")[0]))[0])
@@ -110,6 +117,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
         _report(engine, out)
     if engine.world_size > 1:
         distributed.shutdown()  # the other ranks wait until rank 0 has written its files
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """``--progress``/``--no-progress`` if given, else whether stdout is a terminal."""
+    return sys.stdout.isatty() if args.progress is None else args.progress
 
 
 def _report(engine: Any, out: str) -> None:
@@ -136,36 +148,24 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise CliError("plot needs matplotlib: pip install matplotlib") from exc
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CliError("plot needs matplotlib: pip install matplotlib")
     try:
         records = read_metrics(args.run_dir)
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from None
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for r in records:
-        if "loss" in r:
-            xs, ys = series.setdefault(r["tag"], ([], []))
-            xs.append(r["step"])
-            ys.append(r["loss"])
-    if not series:
-        raise CliError(f"{args.run_dir!r} has no loss records to plot")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for tag, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, label=tag)
-    ax.set_xlabel("global step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(os.path.basename(os.path.abspath(args.run_dir)))
-    fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
+    panels = metric_panels(records)
+    if not panels:
+        raise CliError(f"{args.run_dir!r} has no loss or validation records to plot")
+    plot_metrics(panels, args.output, title=os.path.basename(os.path.abspath(args.run_dir)), smooth=args.smooth)
     print(args.output)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,11 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train an example and write its IR, code, diagrams and metrics")
-    run.add_argument("example")
-    run.add_argument("--compile", choices=["eager", "fx", "inductor"])
-    run.add_argument("--iters", type=int)
+    run.add_argument("example", help=EXAMPLE_HELP)
+    run.add_argument("--compile", choices=["eager", "fx", "inductor"], help=COMPILE_HELP)
+    run.add_argument(
+        "--iters", type=int, help="global steps to train (EngineConfig.train_iters; default: the example's)"
+    )
     run.add_argument("--out", help="output folder (default out/<example>)")
     run.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (wraps torchrun)")
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="show the progress bar on stderr: ETA, rate, losses, validation metrics (default: on when stdout is a "
+        "terminal; overrides the example's EngineConfig.progress)",
+    )
     run.set_defaults(func=_cmd_run)
     for name, text in (
         ("ir", "print the IR"),
@@ -188,15 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
         ("graph", "draw a diagram"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("example")
-        p.add_argument("--compile", choices=["fx", "inductor"])
+        p.add_argument("example", help=EXAMPLE_HELP)
+        p.add_argument("--compile", choices=["fx", "inductor"], help=COMPILE_HELP)
         if name == "graph":
             p.add_argument("-o", "--output", required=True)
             p.add_argument("--kind", default="program", help="program (default) or step")
         p.set_defaults(func=_cmd_show)
-    plot = sub.add_parser("plot", help="plot per-problem loss curves of a run folder")
-    plot.add_argument("run_dir")
-    plot.add_argument("-o", "--output", required=True)
+    plot = sub.add_parser("plot", help="plot per-problem losses and validation metrics of a run folder")
+    plot.add_argument("run_dir", help="a run folder with metrics.jsonl (EngineConfig.output_dir, run's --out)")
+    plot.add_argument("-o", "--output", required=True, help="image to write (.png, .svg, .pdf): one panel per metric")
+    plot.add_argument(
+        "--smooth",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="draw an N-record moving average too (default 1: off)",
+    )
     plot.set_defaults(func=_cmd_plot)
     return parser
 

@@ -10,47 +10,105 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from mlocompile.errors import ProgramError
+
+_BAR_FORMAT = "{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{stats}"
+
+
+class _StepBar(tqdm):
+    """tqdm with the rate set from outside (the steady state) and our stats after the brackets."""
+
+    monitor_interval = 0  # no monitor thread: ProgressBar decides when to redraw
+    steady_rate = 0.0  # 0: tqdm shows "?" for the rate and the ETA
+    stats = ""
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        """tqdm's fields, with ``rate`` replaced and ``stats`` added (``{stats}`` in the bar format)."""
+        fields = dict(super().format_dict)
+        fields["rate"] = self.steady_rate
+        fields["stats"] = self.stats
+        return fields
 
 
 class ProgressBar:
-    """A one-line progress bar with live per-problem losses; silent unless on a terminal."""
+    """A tqdm bar for ``Engine.run``; silent unless its stream (stderr) is a terminal.
+
+    It shows the ETA and a steady-state rate, which leave out the steps that trace and
+    compile: the first one, and each step in which a problem reports its first loss (an
+    upper's first step comes later; tqdm shows "?" until a step counts). After the bar
+    come the live per-problem losses and the metrics of the latest validation.
+    """
 
     def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.total = total
         self.enabled = enabled and total > 0 and bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.perf_counter()
+        self.losses: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
+        self._step = 0
+        self._last: float | None = None  # time of the previous update
+        self._stepped: set[str] = set()  # problems that have reported a loss
+        self._counted = (0, 0.0)  # steps and seconds the rate counts
         self._last_draw = 0.0
+        self._bar: _StepBar | None = None
+        if self.enabled:
+            self._bar = _StepBar(  # NOTE: position=0: one line, no cursor moves even if another bar is open
+                total=total, file=self.stream, unit="step", bar_format=_BAR_FORMAT, dynamic_ncols=True, position=0
+            )
 
     def update(self, step: int, losses: dict[str, float], force: bool = False) -> None:
-        """Redraw (at most ~10 times a second) with the current step and losses."""
-        if not self.enabled:
+        """Record global ``step`` and the problems' latest losses; redraw at most ~10 times a second."""
+        if self._bar is None:
             return
         now = time.perf_counter()
-        if not force and now - self._last_draw < 0.1 and step < self.total:
-            return
-        self._last_draw = now
-        rate = step / max(now - self.start, 1e-9)
-        width = 24
-        done = int(width * step / self.total)
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in losses.items() if not math.isnan(v))
-        line = f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {rate:6.1f} it/s  {shown}"
-        self.stream.write(line[:200].ljust(80))
-        self.stream.flush()
+        stepped = {k for k, v in losses.items() if not math.isnan(v)}
+        if self._last is not None and stepped <= self._stepped and step > self._step:
+            steps, seconds = self._counted[0] + step - self._step, self._counted[1] + now - self._last
+            self._counted = (steps, seconds)
+            self._bar.steady_rate = steps / max(seconds, 1e-9)
+        self._last, self._stepped = now, self._stepped | stepped
+        self._step, self.losses = step, losses
+        if force or now - self._last_draw >= 0.1 or step >= self.total:
+            self._last_draw = now
+            self._draw()
+
+    def validation(self, stats: dict[str, Any]) -> None:
+        """Show a validation's numeric metrics after the losses (a record's ``tag`` and ``step`` are skipped)."""
+        self.metrics = {
+            k: float(v)
+            for k, v in stats.items()
+            if k not in ("tag", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self._bar is not None:
+            self._draw()
 
     def clear(self) -> None:
         """Erase the bar's line so other output (validation prints) starts on a clean line."""
-        if self.enabled:
-            self.stream.write("\r" + " " * 100 + "\r")
+        if self._bar is not None:
+            self._bar.clear()
             self.stream.flush()
-            self._last_draw = 0.0
+            self._last_draw = 0.0  # redraw at the next update
 
     def close(self) -> None:
-        """End the bar's line."""
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        """Draw the final state and end the bar's line."""
+        if self._bar is not None:
+            self._bar.n, self._bar.stats = self._step, self._stats()
+            self._bar.close()
+            self._bar = None
+
+    def _draw(self) -> None:
+        assert self._bar is not None
+        self._bar.n, self._bar.stats = self._step, self._stats()
+        self._bar.refresh()
+
+    def _stats(self) -> str:
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in self.losses.items() if not math.isnan(v))
+        if self.metrics:
+            shown += "  | validation " + "  ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+        return "  " + shown if shown else ""
 
 
 class EarlyStopping:
@@ -126,6 +184,8 @@ class MetricsLogger:
             if self._tb is not None:
                 self._tb.add_scalar(f"{record['tag']}/{key}", value, record["step"])
         self._csv_file.flush()
+        if self._tb is not None:
+            self._tb.flush()  # as the files: a record is on disk once logged (the engine never closes us)
 
     def close(self) -> None:
         """Close the files."""
@@ -142,3 +202,67 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no metrics.jsonl in {directory!r}; run with EngineConfig(output_dir=...) first")
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+Series = dict[str, tuple[list[int], list[float]]]  # line label -> (global steps, values)
+
+
+def metric_panels(records: list[dict[str, Any]]) -> dict[str, Series]:
+    """Group records into plot panels: ``"loss"`` (a line per problem), then ``"validation <metric>"`` each."""
+    panels: dict[str, Series] = {"loss": {}}
+    for record in records:
+        if record.get("tag") == "validation":
+            for key, value in record.items():
+                if key not in ("tag", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    xs, ys = panels.setdefault(f"validation {key}", {}).setdefault("validation", ([], []))
+                    xs.append(record["step"])
+                    ys.append(float(value))
+        elif isinstance(record.get("loss"), (int, float)):
+            xs, ys = panels["loss"].setdefault(str(record["tag"]), ([], []))
+            xs.append(record["step"])
+            ys.append(float(record["loss"]))
+    return {title: series for title, series in panels.items() if series}
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_metrics(panels: dict[str, Series], output: str, *, title: str = "", smooth: int = 1) -> Any:
+    """Draw one panel per entry of ``metric_panels`` into ``output``; return the matplotlib Figure.
+
+    With ``smooth`` > 1 each line is its ``moving_average`` over that many records, drawn
+    over the raw values (faint). Losses get a log scale when they are all positive.
+    """
+    from matplotlib.figure import Figure  # NOTE: no pyplot: no global figure or backend state
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5 * ncols, 3.4 * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax, (name, series) in zip(axes, panels.items()):
+        for label, (xs, ys) in sorted(series.items()):
+            if smooth > 1:
+                (raw,) = ax.plot(xs, ys, alpha=0.25)
+                ax.plot(xs, moving_average(ys, smooth), color=raw.get_color(), label=label)
+            else:
+                ax.plot(xs, ys, label=label)
+        if name == "loss" and all(y > 0 for _, ys in series.values() for y in ys):
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("global step")
+        if name == "loss" or len(series) > 1:
+            ax.legend()
+    for ax in axes[len(panels) :]:
+        ax.remove()
+    if title:
+        fig.suptitle(title)
+    fig.savefig(output, dpi=120)
+    return fig
