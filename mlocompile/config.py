@@ -18,12 +18,85 @@ STRATEGIES = ("default", "cpu", "gpu", "distributed")
 class Config:
     """How one problem is trained and how its solution is differentiated.
 
-    ``type`` is the best-response Jacobian method used when an upper problem's
-    hypergradient passes through *this* problem: ``darts`` (finite differences,
-    Hessian-inverse ~ identity), ``neumann`` (Neumann series), ``cg`` (conjugate
-    gradient) or ``itd`` (reverse mode through the last ``unroll_steps`` updates).
-    ``itd_segments`` (not in Betty) checkpoints an itd replay: 0 = automatic (only
-    under ``EngineConfig.memory_budget``), 1 = off, S = replay S segments one at a time.
+    Betty 0.2.1's fields keep their names, defaults and meanings (Betty's
+    ``darts_multitask`` and ``sama_*`` are not here); the fields it does not have say so.
+    A hypergradient method reads its fields on the *lower* problem of an edge, the one
+    whose solution it differentiates (``hypergrad.METHOD_RULES`` lists them per method).
+    ``docs/settings.md`` is generated from the entries below
+    (``python scripts/settings_doc.py``).
+
+    Attributes:
+        type: How this problem's solution is differentiated when an upper problem's
+            hypergradient passes through it: ``"darts"`` (finite differences of gradients,
+            Hessian inverse taken as the identity), ``"neumann"`` (Neumann series), ``"cg"``
+            (conjugate gradient) or ``"itd"`` (reverse mode through the last
+            ``unroll_steps`` updates). Default: ``"darts"``. Betty: same; Betty's ``itd`` is
+            its ``IterativeProblem``. Read by: every backend, on problems that have an upper.
+        unroll_steps: Local steps this problem takes per unroll window, after which its
+            uppers step; ``itd`` differentiates through all of them. Default: ``1``.
+            Betty: same. Read by: the schedule (every method and backend); ``itd`` replays
+            that many steps.
+        first_order: Accepted and not read. Default: ``True``. Betty: ``create_graph`` of
+            the backward is ``not first_order``, and it gates the best-response terms.
+            Read by: nothing; every method differentiates what its formula needs.
+        retain_graph: Accepted and not read: a step is one pure function, with no autograd
+            graph kept between calls. Default: ``False``. Betty: ``retain_graph`` of its
+            backward. Read by: nothing.
+        allow_unused: Accepted and not read: a parameter the loss does not use gets a zero
+            gradient (``torch.func``), as Betty's ``allow_unused=True`` gives. Default:
+            ``True``. Betty: ``allow_unused`` of its backward. Read by: nothing.
+        gradient_accumulation: Local steps whose gradients are summed (each loss divided by
+            it) before one optimizer update; an unroll window is ``unroll_steps *
+            gradient_accumulation`` local steps. Default: ``1``. Betty: same. Read by: the
+            schedule and the step, every backend; ``itd`` needs 1.
+        gradient_clipping: Rescale the total gradient (direct + hypergradients) to this
+            global norm when it is larger, before the optimizer update; 0 turns clipping
+            off. Default: ``0.0``. Betty: same (``clip_grad_norm_``). Read by: the update
+            of every step, every backend.
+        precision: ``"fp32"``, ``"bf16"`` (matmul/conv-class ops in bf16, fp32 master
+            weights, reductions and updates) or ``"fp16"`` (the same plus dynamic loss
+            scaling). Default: ``"fp32"``. Betty: same names (Betty autocasts). Read by: the
+            ``cast_for_amp`` pass (``compile="fx"`` and ``"inductor"``; ``"eager"`` computes
+            in fp32); fp16's loss scaling on every backend.
+        initial_dynamic_scale: The fp16 loss scale at the first step. Default: ``4096.0``.
+            Betty: same (GradScaler's ``init_scale``). Read by: fp16 loss scaling, every
+            backend.
+        scale_factor: Under fp16, the loss scale grows by this factor after
+            ``scale_growth_interval`` steps without overflow (an overflow halves it and skips
+            the step). Default: ``2.0``. Betty: same (GradScaler's ``growth_factor``). Read
+            by: fp16 loss scaling, every backend.
+        scale_growth_interval: Steps without overflow before the fp16 loss scale grows.
+            Default: ``2000``. Betty: not in Betty (GradScaler's ``growth_interval``, whose
+            default Betty uses). Read by: fp16 loss scaling, every backend.
+        warmup_steps: Local steps this problem takes before its uppers first step: a window
+            ends only once the local step count exceeds it. Default: ``0``. Betty: same.
+            Read by: the schedule, every backend.
+        log_step: Record this problem's loss (and the metrics its ``training_step``
+            returns) every ``log_step`` local steps; <= 0 uses ``EngineConfig.log_every``.
+            Default: ``-1``. Betty: same, but <= 0 never logs. Read by: the engine's
+            logging.
+        log_local_step: Accepted and not read: every record holds both ``step`` (global)
+            and ``local_step``. Default: ``False``. Betty: logs at the local step instead of
+            the global one. Read by: nothing.
+        darts_alpha: darts' step: the gradients are taken at ``w ± εv`` with ``ε =
+            darts_alpha / ‖v‖``. Default: ``0.01``. Betty: same. Read by: ``darts``.
+        neumann_iterations: Terms K of the Neumann series ``α Σ_{j<=K} (I − αH)^j v``.
+            Default: ``1``. Betty: same. Read by: ``neumann``.
+        neumann_alpha: α in the Neumann series; it converges when ``αH`` has its spectrum in
+            (0, 2). Default: ``1.0``. Betty: same. Read by: ``neumann``.
+        cg_iterations: Conjugate-gradient iterations for ``H x = v``. Default: ``1``.
+            Betty: same. Read by: ``cg``.
+        cg_alpha: Conjugate gradient solves ``(cg_alpha·H) x = v`` and scales the result
+            back (textbook CG; Betty's differs for ``cg_alpha != 1``, see the README).
+            Default: ``1.0``. Betty: same name. Read by: ``cg``.
+        amp_fp32_methods: Under bf16 or fp16, the hypergradient (best-response) computations
+            of these methods stay in fp32: a bf16 darts difference quotient is off by ~20%.
+            Default: ``("darts", "neumann", "cg", "itd")``. Betty: not in Betty. Read by: the
+            ``cast_for_amp`` pass (``compile="fx"`` and ``"inductor"``).
+        itd_segments: Checkpoints an ``itd`` replay: 0 = automatic (segmented only under
+            ``EngineConfig.memory_budget``), 1 = off, S = keep the start of S segments and
+            replay one segment at a time. Default: ``0``. Betty: not in Betty. Read by:
+            ``itd``, every backend.
     """
 
     type: str = "darts"
@@ -103,16 +176,88 @@ def _one_of(where: str, name: str, value: object, allowed: tuple[str, ...]) -> N
 class EngineConfig:
     """How the whole program runs: schedule, validation, compilation, outputs.
 
-    Betty's fields keep their names and meanings; ``compile`` picks the backend that
-    runs the emitted steps: ``"eager"`` (the step functions run untraced), ``"fx"``
-    (traced aten-level GraphModules after the pass pipeline) or ``"inductor"``.
+    Betty 0.2.1's fields keep their names and meanings (Betty's ``strategy`` values
+    ``"zero"``, ``"fsdp"`` and ``"accelerate"`` and ``logger_type="wandb"`` are not here);
+    the fields it does not have say so. ``docs/settings.md`` is generated from the entries
+    below (``python scripts/settings_doc.py``).
 
-    ``in_place_updates`` (not in Betty; default False): an fx update step writes the new
-    parameters and optimizer state into the old tensors, as ``torch.optim`` does, which
-    saves one copy of them at the peak. The price: a ``train_step`` that fails after such
-    an update (a later problem's error, a KeyboardInterrupt) cannot be undone, so the
-    engine then refuses to step or save until ``load``. Off, every ``train_step`` is all
-    or nothing (see the README's "Training runs").
+    Attributes:
+        train_iters: Global steps ``Engine.run`` trains for; each global step steps every
+            leaf problem once, and uppers step when their lowers' windows end. Default:
+            ``50000``. Betty: same. Read by: ``Engine.run`` (the CLI's ``--iters`` sets it).
+        valid_step: Call the engine's ``validation()`` every ``valid_step`` global steps,
+            when the Engine subclass defines one. Default: ``500``. Betty: same. Read by:
+            ``Engine.run``.
+        logger_type: ``"none"`` or ``"tensorboard"``: also write every record as TensorBoard
+            scalars (``<tag>/<metric>``) into ``output_dir``; needs ``pip install
+            tensorboard`` and is checked at construction. Default: ``"none"``. Betty: also
+            ``"wandb"``; a missing TensorBoard falls back to ``"none"`` there, here it is an
+            error. Read by: the engine's metric files (only with ``output_dir``).
+        roll_back: A problem with an upper caches its state before each step and, once its
+            uppers have stepped, redoes that step from the cache against their new
+            parameters. Default: ``False``. Betty: same. Read by: the schedule and the step
+            runner, every backend; it turns ``in_place_updates`` off.
+        backend: The ``torch.distributed`` backend: ``"gloo"``, ``"nccl"``, or ``"auto"``
+            (nccl when CUDA is available, else gloo). Default: ``"auto"``. Betty: same, with
+            default ``"nccl"``. Read by: ``strategy="distributed"`` only.
+        strategy: ``"distributed"`` runs data-parallel on ``torch.distributed``, set up from
+            torchrun's environment (see the README); ``"default"``, ``"cpu"`` and ``"gpu"``
+            run in this process wherever the modules and batches are (nothing is moved).
+            Default: ``"default"``. Betty: same names; Betty moves modules to the device for
+            ``"cpu"``/``"gpu"``. Read by: the engine's distributed setup (``mlocompile run
+            --nproc`` sets it).
+        early_stopping: Stop ``Engine.run`` once ``early_stopping_metric`` has not improved
+            for ``early_stopping_tolerance`` validations in a row. Default: ``False``.
+            Betty: same (Betty's raises on an undefined name). Read by: validation.
+        early_stopping_mode: ``"min"`` (lower is better) or ``"max"``. Default: ``"min"``.
+            Betty: same. Read by: validation, with ``early_stopping``.
+        early_stopping_tolerance: Validations without improvement before stopping.
+            Default: ``5``. Betty: same. Read by: validation, with ``early_stopping``.
+        early_stopping_metric: The key of ``validation()``'s result that early stopping
+            watches; a missing key raises ProgramError at the first validation. Default:
+            ``"loss"``. Betty: same. Read by: validation, with ``early_stopping``.
+        compile: The backend that runs every step: ``"eager"`` (the step functions run
+            untraced), ``"fx"`` (traced aten-level GraphModules after the pass pipeline) or
+            ``"inductor"`` (that graph compiled by inductor). Default: ``"fx"``. Betty: not
+            in Betty. Read by: the compiler (the CLI's ``--compile`` sets it).
+        progress: Show a progress bar (tqdm) on stderr during ``Engine.run``, with ETA, the
+            steady-state rate, live per-problem losses and the latest validation metrics;
+            drawn only when stderr is a terminal, on rank 0. Default: ``True``. Betty: not
+            in Betty (Betty logs lines). Read by: ``Engine.run`` (the CLI's
+            ``--progress/--no-progress`` sets it).
+        output_dir: A folder for ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard's
+            event files); None keeps the records in ``Engine.history`` only. Default:
+            ``None``. Betty: not in Betty. Read by: the engine's metric files (the CLI's
+            ``--out`` sets it).
+        log_every: Record a problem's loss every ``log_every`` of its local steps when its
+            ``Config.log_step`` is <= 0; 0 never. Default: ``10``. Betty: not in Betty
+            (Betty records only problems with ``log_step > 0``). Read by: the engine's
+            logging.
+        memory_budget: Trade time for memory: None is off; a number <= 1 is a fraction of
+            the estimated peak, a larger one bytes. ``itd`` replays are checkpointed in
+            segments (every backend) and the other step graphs get the ``rematerialize``
+            pass (``compile="fx"`` and ``"inductor"``). Default: ``None``. Betty: not in
+            Betty. Read by: ``itd`` and the ``rematerialize`` pass.
+        dist_timeout_s: Seconds a collective waits before the group gives up (a rank that
+            died brings the others down). Default: ``300.0``. Betty: not in Betty. Read by:
+            ``strategy="distributed"`` only.
+        dist_check_every: Every this many global steps, check that parameters and optimizer
+            state are bit-identical across ranks (a mismatch names the problem and step);
+            0 never. Default: ``0``. Betty: not in Betty. Read by: ``strategy="distributed"``
+            only.
+        check_finite: Raise NonFiniteError naming the problem and step when a loss or
+            gradient is NaN/inf, leaving parameters and optimizer state as they were (an
+            in-place fx update is then guarded: ``where(non_finite, old, new)``); False
+            skips the check. fp16 overflows are the loss scaler's either way. Default:
+            ``True``. Betty: not in Betty. Read by: the step runner, every backend; the fx
+            graph's update guard.
+        in_place_updates: An fx update step writes the new parameters and optimizer state
+            into the old tensors, as ``torch.optim`` does, which saves one copy of them at
+            the peak. The price: a ``train_step`` that fails after such an update (a later
+            problem's error, a KeyboardInterrupt) cannot be undone, so the engine then
+            refuses to step or save until ``load``. Off, every ``train_step`` is all or
+            nothing (see the README's "Training runs"). Default: ``False``. Betty: not in
+            Betty. Read by: ``compile="fx"`` update steps, never under ``roll_back``.
     """
 
     train_iters: int = 50000
