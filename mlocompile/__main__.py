@@ -3,7 +3,7 @@
     mlocompile run   EXAMPLE [--compile fx] [--iters N] [--out DIR] [--nproc N] [--[no-]progress]
     mlocompile ir    EXAMPLE          # the annotated IR
     mlocompile code  EXAMPLE          # the generated Python of every step
-    mlocompile graph EXAMPLE -o FILE  # diagram (.svg/.png/.pdf/.dot), --kind program|step
+    mlocompile graph EXAMPLE -o FILE  # diagram (.svg/.png/.pdf/.dot), --kind program|step, --detail blocks|ops
     mlocompile cost  EXAMPLE          # static FLOPs / memory estimates
     mlocompile plot  RUN_DIR -o FILE.png [--smooth N]  # losses and validation metrics
 
@@ -144,7 +144,7 @@ def _cmd_show(args: argparse.Namespace) -> None:
     elif args.command == "cost":
         print(compiled.cost())
     else:
-        print(compiled.render(args.output, kind=args.kind))
+        print(compiled.render(args.output, kind=args.kind, detail=args.detail))
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
@@ -199,8 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("example", help=EXAMPLE_HELP)
         p.add_argument("--compile", choices=["fx", "inductor"], help=COMPILE_HELP)
         if name == "graph":
-            p.add_argument("-o", "--output", required=True)
-            p.add_argument("--kind", default="program", help="program (default) or step")
+            p.add_argument(
+                "-o",
+                "--output",
+                required=True,
+                help="file to write; its extension picks the format: .svg, .png, .pdf, .dot",
+            )
+            p.add_argument(
+                "--kind",
+                default="program",
+                help="program (default: problems and edges), step (every step graph) or step:<title> (one, e.g. "
+                "step:step_inner)",
+            )
+            p.add_argument(
+                "--detail",
+                default="blocks",
+                choices=["blocks", "ops"],
+                help="a step diagram's boxes: blocks (default: one per problem, role and module) or ops (every aten op)",
+            )
         p.set_defaults(func=_cmd_show)
     plot = sub.add_parser("plot", help="plot per-problem losses and validation metrics of a run folder")
     plot.add_argument("run_dir", help="a run folder with metrics.jsonl (EngineConfig.output_dir, run's --out)")

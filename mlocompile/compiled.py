@@ -45,13 +45,18 @@ class CompiledProgram:
             chunks.append(f"# ---- {title} ----{body}")
         return "\n".join(chunks)
 
-    def to_dot(self, kind: str = "program") -> str:
-        """Graphviz DOT text: ``"program"`` (problems, u2l red, l2u green, paths) or ``"step"``."""
-        return viz.to_dot(self.program, self.graph_modules, kind)
+    def to_dot(self, kind: str = "program", detail: str = "blocks") -> str:
+        """Graphviz DOT text: ``"program"`` (problems, u2l red, l2u green, paths) or ``"step"``.
 
-    def render(self, path: str, kind: str = "program") -> str:
+        A step view draws one box per problem, role and module (``detail="blocks"``, with
+        op counts, FLOPs and bytes) or every aten node (``detail="ops"``).
+        """
+        return viz.to_dot(self.program, self.graph_modules, kind, detail=detail, node_flops=cost.estimate_node_flops)
+
+    def render(self, path: str, kind: str = "program", detail: str = "blocks") -> str:
         """Render a diagram to ``path`` (format from its extension: .svg, .png, .pdf, .dot)."""
-        return viz.render(self.program, self.graph_modules, path, kind)
+        flops = cost.estimate_node_flops
+        return viz.render(self.program, self.graph_modules, path, kind, detail=detail, node_flops=flops)
 
     def cost(self) -> Any:
         """Static per-step estimates: FLOPs, peak memory, and symbolic forms per method."""

@@ -1,21 +1,28 @@
 """Graphviz diagrams of a compiled program: the problem graph and the annotated step graphs.
 
 ``to_dot`` builds DOT text as plain strings (no Graphviz needed); ``render`` writes that text
-next to the output and runs Graphviz's ``dot`` for SVG/PNG/PDF.
+next to the output and runs Graphviz's ``dot`` for SVG/PNG/PDF. A step graph is drawn at one
+of the ``DETAILS``: ``"blocks"`` (one box per problem, role and module, labelled with its op
+count, FLOPs and bytes; edges carry tensor shapes) or ``"ops"`` (every aten node).
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.fx import GraphModule, Node
 
+from mlocompile.analysis import aliased_input, find_written_args, nbytes
 from mlocompile.errors import ProgramError, RenderError
 from mlocompile.program import ProgramGraph
 
@@ -33,7 +40,11 @@ ROLE_COLORS: dict[str, str] = {
 # Colour of a problem-graph edge by kind, as in the Betty paper's figure.
 EDGE_COLORS: dict[str, str] = {"u2l": "#ff0000", "l2u": "#008000"}
 KINDS = ("program", "step", "step:<title>")
+DETAILS = ("blocks", "ops")
 FORMATS = ("dot", "svg", "png", "pdf")
+# FLOPs of one node: ``mlocompile.cost.estimate_node_flops``, passed in by the callers above
+# (cost sits in this module's layer, so this module cannot import it)
+NodeFlops = Callable[[Node], int]
 _INSTALL_HINT = "apt-get install graphviz (Debian/Ubuntu), brew install graphviz (macOS) or conda install graphviz"
 
 
@@ -60,7 +71,14 @@ def _attrs(**attrs: str) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-def to_dot(program: ProgramGraph, graph_modules: Mapping[str, GraphModule], kind: str = "program") -> str:
+def to_dot(
+    program: ProgramGraph,
+    graph_modules: Mapping[str, GraphModule],
+    kind: str = "program",
+    *,
+    detail: str = "blocks",
+    node_flops: NodeFlops | None = None,
+) -> str:
     """Return deterministic Graphviz DOT text for one view of a compiled program.
 
     Args:
@@ -69,10 +87,18 @@ def to_dot(program: ProgramGraph, graph_modules: Mapping[str, GraphModule], kind
         kind: ``"program"`` (problems by level, u2l red, l2u green, paths and VJP plan),
             ``"step"`` (every step graph, clustered by problem, coloured by role) or
             ``"step:<title>"`` (one step graph, e.g. ``"step:step_inner"``).
+        detail: How a step graph is drawn: ``"blocks"`` (one box per problem, role and
+            module, see :func:`find_modules` and :func:`find_blocks`; inputs summarized per
+            group) or ``"ops"`` (every aten node). The program view ignores it.
+        node_flops: FLOPs of one node, for the block labels (``CompiledProgram`` passes
+            ``mlocompile.cost.estimate_node_flops``); None leaves FLOPs out.
 
     Raises:
-        ProgramError: ``kind`` is not one of the above or names no emitted step graph.
+        ProgramError: ``kind`` or ``detail`` is not one of the above, or ``kind`` names no
+            emitted step graph.
     """
+    if detail not in DETAILS:
+        raise ProgramError(f"to_dot: unknown detail {detail!r}; use one of {', '.join(DETAILS)}")
     if kind == "program":
         return _program_dot(program)
     if kind == "step" or kind.startswith("step:"):
@@ -81,7 +107,9 @@ def to_dot(program: ProgramGraph, graph_modules: Mapping[str, GraphModule], kind
         if title and title not in graphs:
             raise ProgramError(f"to_dot: no step graph named {title!r}; emitted step graphs are {sorted(graphs)}")
         chosen = {title: graphs[title]} if title else dict(graphs)
-        return _steps_dot(chosen, set(program.problems))
+        if detail == "ops":
+            return _steps_dot(chosen, set(program.problems))
+        return _blocks_dot(chosen, set(program.problems), node_flops)
     raise ProgramError(f"to_dot: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
@@ -193,6 +221,313 @@ def _steps_dot(graphs: dict[str, GraphModule], problems: set[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+# --- the block view: one box per (problem, role, module) -----------------------------------------
+# Roles that run after the values they serve (gradients, hypergradients, updates): their module
+# comes from their users, as a backward pass meets layers in reverse; other roles' from inputs.
+_REVERSE_ROLES = frozenset({"grad", "hypergrad", "update"})
+# Roles whose same-shaped results of a parameter are new values of it (darts' w ± εv, updates).
+_UPDATING_ROLES = frozenset({"hypergrad", "update"})
+# Roles drawn as one block per problem, whatever modules their nodes touch.
+_WHOLE_ROLES = frozenset({"update", "comm"})
+# Inputs summarized per problem (``params.<p>...``); the others by their first name alone.
+_PER_PROBLEM_INPUTS = frozenset({"params", "buffers", "last", "windows"})
+
+_BlockKey = tuple[str, str, str | None]  # (problem, role, module or None)
+
+
+@dataclass
+class Block:
+    """Nodes of one step graph drawn as one box: same problem, role and module (``find_blocks``)."""
+
+    key: _BlockKey
+    nodes: list[Node] = field(default_factory=list)
+    feeds: set[int] = field(default_factory=set)  # indices of the blocks it reads from
+
+
+def _param_module(node: Node, problems: set[str]) -> str | None:
+    """``params.inner.0.weight`` -> ``inner.0``: the module a parameter or buffer input belongs to.
+
+    An unrolled window's copies count too: ``windows.<p>.params.<path>`` and the other
+    problems' ``windows.<p>.others.<k>.<q>.<path>``.
+    """
+    parts = str(node.meta.get("mlo.input", "")).split(".")
+    if parts[0] == "windows" and len(parts) > 3 and parts[2] == "params":
+        parts = ["params", parts[1], *parts[3:]]
+    elif parts[0] == "windows" and len(parts) > 5 and parts[2] == "others":
+        parts = ["params", *parts[4:]]
+    if parts[0] in ("params", "buffers") and len(parts) > 2 and parts[1] in problems:
+        return ".".join(parts[1:-1])
+    return None
+
+
+def _stack_module(node: Node) -> str | None:
+    """The innermost module of an FX ``nn_module_stack`` (``{key: (path, type)}``), if one was recorded."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    innermost = list(stack.values())[-1]
+    return str(innermost[0] if isinstance(innermost, tuple) else innermost)
+
+
+def _dims(node: Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _agreed(values: list[str | None]) -> str | None:
+    """The one module all entries name; None if they disagree, one is None, or there are none."""
+    return values[0] if values and None not in values and len(set(values)) == 1 else None
+
+
+def _kin(a: Node, b: Node) -> bool:
+    """Whether two nodes were traced for the same problem in the same role."""
+    return all(a.meta.get(k) == b.meta.get(k) for k in ("mlo.problem", "mlo.role"))
+
+
+def _users(node: Node) -> list[Node]:
+    """The computing users of ``node``, looking through ``getitem`` of a tuple it returns."""
+    found = []
+    for user in node.users:
+        if user.op != "call_function":
+            continue
+        found += _users(user) if user.target is operator.getitem else [user]
+    return found
+
+
+def find_modules(gm: GraphModule, problems: set[str]) -> dict[Node, str | None]:
+    """Return the module path (``inner.0``) each node of a step graph computes for, or None.
+
+    The step graphs carry no module stack (``slim_meta`` keeps only ``mlo.*`` and ``val``),
+    so the module is read off the parameters, whose inputs are named
+    ``params.<problem>.<path>``. An ``nn_module_stack`` entry wins where a tracer left one.
+    Else a node reading a parameter, a view of one or, in ``_UPDATING_ROLES``, a same-shaped
+    new value of one (darts' ``w ± εv``, an unrolled step) belongs to that parameter's
+    module. A node reading none inherits, in forward roles, the module all its inputs of
+    the same problem and role agree on when it keeps their shape (``relu`` after a
+    ``Linear``); in backward roles (``_REVERSE_ROLES``) the module its users agree on, kept
+    where the node has one of that module's forward shapes or reads a node already in it
+    (so a loss's backward stays apart, as its forward does). An inference: second-order
+    products (neumann, cg, itd) leave more nodes without a module than darts does.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    weight_of: dict[Node, str] = {}  # parameter-valued nodes -> their module
+    module: dict[Node, str | None] = {}
+    for node in nodes:
+        owned = [i for i in node.all_input_nodes if i in weight_of]
+        owners = {weight_of[i] for i in owned}
+        own = _param_module(node, problems)
+        source = aliased_input(node) if node.op == "call_function" else None
+        if own is None and source in weight_of:
+            own = weight_of[source]  # type: ignore[index]
+        elif own is None and _role(node) in _UPDATING_ROLES and any(_dims(i) == _dims(node) for i in owned):
+            own = next(iter(owners)) if len(owners) == 1 else None
+        if own is not None:
+            weight_of[node] = own
+        module[node] = _stack_module(node) or own or (next(iter(owners)) if len(owners) == 1 else None)
+    _inherit_forward(nodes, module)
+    _inherit_backward(nodes, module)
+    for node in nodes:
+        if node.target is operator.getitem and isinstance(parent := node.args[0], Node):
+            module[node] = module[parent]
+    return module
+
+
+def _inherit_forward(nodes: list[Node], module: dict[Node, str | None]) -> None:
+    for node in nodes:
+        if module[node] is not None or node.op != "call_function" or _role(node) in _REVERSE_ROLES:
+            continue
+        kin = [i for i in node.all_input_nodes if i.op != "placeholder" and _kin(i, node)]
+        if all(_dims(i) == _dims(node) is not None for i in kin):
+            module[node] = _agreed([module[i] for i in kin])
+
+
+def _inherit_backward(nodes: list[Node], module: dict[Node, str | None]) -> None:
+    backward = [n for n in nodes if module[n] is None and n.op == "call_function" and _role(n) in _REVERSE_ROLES]
+    candidate: dict[Node, str | None] = {}
+    for node in reversed(backward):
+        # NOTE: users in the same problem and role must all agree; others count only if placed
+        votes = [candidate.get(u, module[u]) for u in _users(node)]
+        votes = [v for u, v in zip(_users(node), votes) if v is not None or _kin(u, node)]
+        candidate[node] = _agreed(votes)
+    shapes: dict[str, set[tuple[int, ...] | None]] = {}
+    for node in nodes:
+        if module[node] is not None and (node.op == "placeholder" or _role(node) not in _REVERSE_ROLES):
+            shapes.setdefault(str(module[node]), set()).add(_dims(node))
+    for node in backward:
+        cand = candidate[node]
+        if cand is not None and (
+            _dims(node) in shapes.get(cand, set()) or any(module.get(i) == cand for i in node.all_input_nodes)
+        ):
+            module[node] = cand
+
+
+def _role(node: Node) -> str:
+    return str(node.meta.get("mlo.role", ""))
+
+
+def _block_key(node: Node, module: dict[Node, str | None]) -> _BlockKey:
+    role = _role(node)
+    return str(node.meta.get("mlo.problem", "?")), role, None if role in _WHOLE_ROLES else module[node]
+
+
+def _depends(blocks: list[Block], start: int, target: int) -> bool:
+    """Whether block ``start`` reads, through any chain of blocks, from block ``target``."""
+    seen, todo = set(), [start]
+    while todo:
+        b = todo.pop()
+        if b == target:
+            return True
+        if b not in seen:
+            seen.add(b)
+            todo += blocks[b].feeds
+    return False
+
+
+def find_blocks(gm: GraphModule, module: dict[Node, str | None]) -> tuple[list[Block], dict[Node, int]]:
+    """Group the computing nodes of ``gm`` by ``(problem, role, module)``, keeping the groups acyclic.
+
+    Nodes are visited in execution order; a node joins the latest block of its key unless
+    one of its inputs comes from a block that itself reads from that block (joining would
+    draw a cycle): then it opens a new block of the same key (``#2``).
+    """
+    blocks: list[Block] = []
+    latest: dict[_BlockKey, int] = {}
+    where: dict[Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        key = _block_key(node, module)
+        feeds = {where[i] for i in node.all_input_nodes if i in where}
+        b = latest.get(key)
+        if b is None or any(f != b and _depends(blocks, f, b) for f in feeds):
+            b = latest[key] = len(blocks)
+            blocks.append(Block(key))
+        blocks[b].nodes.append(node)
+        blocks[b].feeds |= feeds - {b}
+        where[node] = b
+    return blocks, where
+
+
+def _input_group(node: Node, problems: set[str]) -> str:
+    """``params.inner.0.weight`` -> ``params.inner``; ``opt.0.weight.step`` -> ``opt``."""
+    parts = str(node.meta.get("mlo.input", node.name if node.op == "placeholder" else "constants")).split(".")
+    if parts[0] in _PER_PROBLEM_INPUTS and len(parts) > 1 and parts[1] in problems:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} "
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _shapes_label(producers: list[Node], limit: int = 3) -> str:
+    """``[16x8]``, or ``2× [8]`` for repeats, one line per shape, ``+k more`` past ``limit``."""
+    counts = Counter(s for n in producers if (s := _shape(n.meta.get("val"))) is not None)
+    lines = [s if c == 1 else f"{c}× {s}" for s, c in counts.items()]
+    return "\n".join(lines[:limit] + ([f"+{len(lines) - limit} more"] if len(lines) > limit else []))
+
+
+def _block_node(nid: str, block: Block, repeat: int, node_flops: NodeFlops | None) -> str:
+    problem, role, mod = block.key
+    ops = [n for n in block.nodes if n.target is not operator.getitem]
+    names = Counter(_op_label(n) for n in ops)
+    head = f"{mod or problem} · {role}" + (f" #{repeat}" if repeat > 1 else "")
+    lines = [head]
+    first = next((n for n in block.nodes if "mlo.method" in n.meta), None)
+    if first is not None:
+        lines.append(f"{first.meta['mlo.method']} ({first.meta.get('mlo.path', '?')})")
+    top = [name for name, _ in names.most_common(3)]
+    lines.append(", ".join(top) + (", …" if len(names) > 3 else ""))
+    # NOTE: a view writes nothing; an in-place or out= op writes its result like any other op
+    written = sum(nbytes(n.meta.get("val")) for n in ops if aliased_input(n) is None or find_written_args(n))
+    cost = [f"{len(ops)} ops"] + ([f"{_si(sum(node_flops(n) for n in ops))}FLOPs"] if node_flops else [])
+    lines.append(" · ".join([*cost, f"{_size(written)} written"]))
+    tooltip = f"problem={problem} role={role} module={mod or '-'}: " + ", ".join(f"{k}×{c}" for k, c in names.items())
+    return f"{_q(nid)} {_attrs(label=_label(lines), fillcolor=ROLE_COLORS.get(role, 'white'), tooltip=tooltip)};"
+
+
+def _legend_node() -> str:
+    cells = "".join(f'<td bgcolor="{c}">{r}</td>' for r, c in ROLE_COLORS.items())
+    table = f'<<table border="0" cellspacing="2" cellpadding="3"><tr><td>mlo.role</td>{cells}</tr></table>>'
+    return f"  legend {_attrs(shape='plaintext', style='', label=_Quoted(table))};"
+
+
+_BLOCKS_HEADER = (
+    "digraph step {",
+    # NOTE: newrank: Graphviz 2.4x fails ranking nested clusters with this many edges without it
+    '  graph [rankdir=TB, fontname="Helvetica", compound=true, newrank=true, nodesep=0.3, ranksep=0.35];',
+    '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, margin="0.08,0.03"];',
+    '  edge [color="#606060", arrowsize=0.6, fontname="Helvetica", fontsize=8, fontcolor="#404040"];',
+)
+
+
+def _blocks_dot(graphs: dict[str, GraphModule], problems: set[str], node_flops: NodeFlops | None) -> str:
+    out = list(_BLOCKS_HEADER)
+    for title, gm in graphs.items():
+        out += _block_step_lines(title, gm, problems, node_flops)
+    out += [_legend_node(), "}"]
+    return "\n".join(out) + "\n"
+
+
+def _block_step_lines(title: str, gm: GraphModule, problems: set[str], node_flops: NodeFlops | None) -> list[str]:
+    """One step graph's cluster: input groups, a cluster of blocks per problem, outputs; then the edges."""
+    blocks, where = find_blocks(gm, find_modules(gm, problems))
+    source: dict[Node, str] = {n: f"{title}/{b}" for n, b in where.items()}
+    out = [f"  subgraph {_q('cluster_' + title)} {{", f"    label={_q(title)}; fontsize=14; style=bold;"]
+    groups: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or node.op == "get_attr" and not _is_planned_buffer(node):
+            groups.setdefault(_input_group(node, problems), []).append(node)
+    for group, members in groups.items():
+        source.update((n, f"{title}/in:{group}") for n in members)
+        lines = [group, f"{len(members)} tensors · {_size(sum(nbytes(n.meta.get('val')) for n in members))}"]
+        out.append(f"    {_q(f'{title}/in:{group}')} {_attrs(label=_label(lines), fillcolor=ROLE_COLORS['io'])};")
+    seen: Counter[_BlockKey] = Counter()
+    by_problem: dict[str, list[str]] = {}
+    for b, block in enumerate(blocks):
+        seen[block.key] += 1
+        line = _block_node(f"{title}/{b}", block, seen[block.key], node_flops)
+        by_problem.setdefault(block.key[0], []).append(line)
+    for problem, lines in by_problem.items():
+        out += [f"    subgraph {_q(f'cluster_{title}/{problem}')} {{", f"      label={_q(f'problem {problem}')};"]
+        out += ["      style=dashed;"] + [f"      {line}" for line in lines] + ["    }"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = _label(["outputs", f"{len(dict.fromkeys(output.all_input_nodes))} values"])
+    out += [f"    {_q(f'{title}/outputs')} {_attrs(label=returned, fillcolor=ROLE_COLORS['io'])};", "  }"]
+    return out + _edge_lines(gm, source, f"{title}/outputs")
+
+
+def _is_planned_buffer(node: Node) -> bool:
+    """A static buffer (``plan_static_buffers``) that ops only write into (``out=``): storage, not data."""
+    return node.op == "get_attr" and bool(node.users) and all(node in find_written_args(u) for u in node.users)
+
+
+def _edge_lines(gm: GraphModule, source: dict[Node, str], sink: str) -> list[str]:
+    """One edge per pair of boxes a value crosses between, labelled with the shapes it carries."""
+    carried: dict[tuple[str, str], dict[Node, None]] = {}
+    for node in gm.graph.nodes:
+        dst = sink if node.op == "output" else source.get(node) if node.op == "call_function" else None
+        for inp in node.all_input_nodes if dst is not None else []:
+            src = source.get(inp)
+            if src is not None and src != dst:
+                carried.setdefault((src, str(dst)), {})[inp] = None
+    lines = []
+    for (src, dst), values in carried.items():
+        label = _shapes_label(list(values))
+        lines.append(f"  {_q(src)} -> {_q(dst)}" + (f" {_attrs(label=label)}" if label else "") + ";")
+    return lines
+
+
 def _temp_beside(path: Path) -> Path:
     # NOTE: not mkstemp: its 0600 mode would outlive os.replace; a plain open honours the umask
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -208,7 +543,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def render(
-    program: ProgramGraph, graph_modules: Mapping[str, GraphModule], path: str | os.PathLike[str], kind: str = "program"
+    program: ProgramGraph,
+    graph_modules: Mapping[str, GraphModule],
+    path: str | os.PathLike[str],
+    kind: str = "program",
+    *,
+    detail: str = "blocks",
+    node_flops: NodeFlops | None = None,
 ) -> str:
     """Write the diagram ``kind`` of a compiled program to ``path``; return the path written.
 
@@ -220,8 +561,11 @@ def render(
         graph_modules: As for :func:`to_dot`.
         path: Output file; its extension picks the format (one of ``FORMATS``).
         kind: As for :func:`to_dot`.
+        detail: As for :func:`to_dot`.
+        node_flops: As for :func:`to_dot`.
 
     Raises:
+        ProgramError: As for :func:`to_dot` (then nothing is written).
         RenderError: the extension is unknown, ``dot`` is not installed, or ``dot`` failed.
     """
     out = Path(path)
@@ -230,9 +574,10 @@ def render(
         raise RenderError(
             f"render: cannot tell the format of {str(out)!r}; end the path with one of .{', .'.join(FORMATS)}"
         )
+    text = to_dot(program, graph_modules, kind, detail=detail, node_flops=node_flops)
     out.parent.mkdir(parents=True, exist_ok=True)
     dot_path = out.with_suffix(".dot")
-    _write_atomic(dot_path, to_dot(program, graph_modules, kind).encode())
+    _write_atomic(dot_path, text.encode())
     if fmt == "dot":
         return str(dot_path)
     exe = shutil.which("dot")

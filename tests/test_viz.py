@@ -131,14 +131,14 @@ def test_program_dot_labels_maml_init_edge():
     assert dot_nodes(dot)["problem:inner"]["label"] == "inner\\nlevel 0 · itd"
 
 
-# --- step graphs ---------------------------------------------------------------------------------
+# --- step graphs, every aten node (detail="ops"; the default block view: test_viz_blocks.py) ------
 def test_role_colors_cover_every_role():
     assert set(viz.ROLE_COLORS) == set(ROLES)
     assert len(set(viz.ROLE_COLORS.values())) == len(ROLES)
 
 
 def test_step_dot_clusters_colours_and_edges(mwn):
-    dot = mwn.to_dot("step")
+    dot = mwn.to_dot("step", detail="ops")
     nodes, edges = dot_nodes(dot), dot_edges(dot)
     for title, gm in mwn.graph_modules.items():
         assert f'subgraph "cluster_{title}" {{' in dot
@@ -167,7 +167,7 @@ def test_step_dot_clusters_colours_and_edges(mwn):
 
 
 def test_step_dot_one_graph_by_title(mwn):
-    dot = mwn.to_dot("step:step_inner")
+    dot = mwn.to_dot("step:step_inner", detail="ops")
     assert 'subgraph "cluster_step_inner" {' in dot and "cluster_step_outer" not in dot
     assert len([k for k in dot_nodes(dot) if k.startswith("step_inner/")]) == len(
         mwn.graph_modules["step_inner"].graph.nodes
@@ -184,7 +184,8 @@ def test_unknown_kind_and_title_are_program_errors(mwn):
 def test_dot_is_deterministic(mwn):
     again = mlo.compile(mwn_engine())
     for kind in ("program", "step"):
-        assert mwn.to_dot(kind) == mwn.to_dot(kind) == again.to_dot(kind)
+        for detail in viz.DETAILS:
+            assert mwn.to_dot(kind, detail) == mwn.to_dot(kind, detail) == again.to_dot(kind, detail)
 
 
 def test_quoting_escapes_quotes_backslashes_and_newlines():
@@ -257,7 +258,7 @@ def test_render_svg_program(chain3, tmp_path):
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
 def test_render_svg_step_graph(mwn, tmp_path):
-    root = ET.parse(mwn.render(tmp_path / "step.svg", "step:step_outer")).getroot()
+    root = ET.parse(mwn.render(tmp_path / "step.svg", "step:step_outer", detail="ops")).getroot()
     gm = mwn.graph_modules["step_outer"]
     titles = {g.findtext(f"{SVG}title") for g in root.iter(f"{SVG}g") if g.get("class") == "node"}
     assert {f"step_outer/{n.name}" for n in gm.graph.nodes} <= titles
