@@ -249,11 +249,12 @@ def plot_metrics(panels: dict[str, Series], output: str, *, title: str = "", smo
     axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax, (name, series) in zip(axes, panels.items()):
         for label, (xs, ys) in sorted(series.items()):
+            dots = {"marker": "o", "markersize": 3} if len(xs) <= 30 else {}  # a single record still shows
             if smooth > 1:
                 (raw,) = ax.plot(xs, ys, alpha=0.25)
-                ax.plot(xs, moving_average(ys, smooth), color=raw.get_color(), label=label)
+                ax.plot(xs, moving_average(ys, smooth), color=raw.get_color(), label=label, **dots)
             else:
-                ax.plot(xs, ys, label=label)
+                ax.plot(xs, ys, label=label, **dots)
         if name == "loss" and all(y > 0 for _, ys in series.values() for y in ys):
             ax.set_yscale("log")
         ax.set_title(name)
