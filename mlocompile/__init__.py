@@ -16,7 +16,8 @@ The pipeline, in the order data flows:
    inductor), caching it under a key of everything the trace read.
 5. ``execution.StepRunner`` runs a step against the user's live modules and
    optimizers; ``schedule.Schedule`` decides when each problem steps (Betty's
-   schedule); ``engine.Engine`` wires them together.
+   schedule); ``transaction.Transaction`` makes each ``train_step`` all or nothing;
+   ``engine.Engine`` wires them together.
 6. ``compile(engine)`` returns a ``CompiledProgram`` (plain data) with ``.ir``,
    ``.code``, ``.graph_modules``, diagrams (``viz``) and cost estimates (``cost``).
 
@@ -104,6 +105,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tracing, pass pipeline, compiled output", ("trace", "passes", "compiled")),
     ("compiler, dependency checks", ("compiler", "dependencies")),
     ("running a step", ("execution",)),
+    ("a step as a transaction", ("transaction",)),
     ("the engine", ("engine",)),
     ("public API", ("mlocompile",)),
     ("command line", ("__main__",)),

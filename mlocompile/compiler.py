@@ -91,7 +91,7 @@ class Compiler:
         """Return the (cached) pure step function of ``variant``."""
         # NOTE: an fx update that overwrites its inputs must not write a non-finite result: it keeps
         # the old values then (the engine raises NonFiniteError with the parameters intact)
-        guard = options.check_finite and options.compile == "fx" and self._may_donate(variant, options)
+        guard = options.check_finite and self.donates(variant, options)
         key = (variant, options.init_sources, options.world_size, options.memory_budget, guard, self.config_key())
         if key not in self._fns:
             self._fns[key] = build_step(
@@ -196,6 +196,10 @@ class Compiler:
             if (name.startswith(prefix) or (name.startswith("opt.") and not name.endswith(".step")))
             and ptrs.count(ptr) == 1
         )
+
+    def donates(self, variant: StepVariant, options: CompileOptions) -> bool:
+        """Whether running ``variant`` may overwrite its problem's parameters and optimizer state."""
+        return options.compile == "fx" and self._may_donate(variant, options)
 
     def _may_donate(self, variant: StepVariant, options: CompileOptions) -> bool:
         if not (options.donate and variant.update) or options.init_sources:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed as dist
@@ -19,13 +20,14 @@ from mlocompile.compiled import CompiledProgram
 from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.config import EngineConfig
 from mlocompile.dependencies import check_program, plan_program
-from mlocompile.errors import CheckpointError
+from mlocompile.errors import CheckpointError, ProgramError
 from mlocompile.execution import StepRunner
 from mlocompile.functional import FunctionalProgram
 from mlocompile.monitor import EarlyStopping, MetricsLogger, ProgressBar
 from mlocompile.optim import StateDict, lower_optimizers
 from mlocompile.problem import Problem, attach_problems
 from mlocompile.schedule import Schedule
+from mlocompile.transaction import Transaction
 
 log = logging.getLogger("mlocompile")
 
@@ -68,16 +70,61 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         self._metrics: MetricsLogger | None = None
         self.early_stopping = EarlyStopping.from_config(self.config)
+        self._pending: list[dict[str, Any]] | None = None  # metric records of the open transaction
+        self._torn: str | None = None  # why the state mixes two steps (a failed in-place update)
 
     # -- public schedule ------------------------------------------------------------------
     def train_step(self) -> None:
-        """Step every leaf problem once; uppers step when their children are ready (Betty)."""
-        self._check_program()
-        for leaf in self.program.leaves:
-            self.schedule.step(leaf)
-        every = self.config.dist_check_every
-        if self.world_size > 1 and every > 0 and self.global_step % every == 0:
-            distributed.check_problems_identical(self.program.problems.values(), self.global_step)
+        """Step every leaf problem once; uppers step when their children are ready (Betty).
+
+        All or nothing: if anything raises (a non-finite step, user code, Ctrl-C), every
+        parameter, buffer, optimizer, scheduler, data position, counter, window and random
+        stream is put back as it was before the step, and the error propagates.
+        """
+        with self.transaction():
+            self._check_program()
+            for leaf in self.program.leaves:
+                self.schedule.step(leaf)
+            every = self.config.dist_check_every
+            if self.world_size > 1 and every > 0 and self.global_step % every == 0:
+                distributed.check_problems_identical(self.program.problems.values(), self.global_step)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block as one step: on any exception, put the engine back as it was, then re-raise.
+
+        Metric records of the block reach ``output_dir`` only when it completes. Nested
+        blocks are part of the outer one.
+        """
+        if self._torn is not None:
+            raise ProgramError(self._torn)
+        if self._pending is not None:  # nested: the outer transaction decides
+            yield
+            return
+        txn = Transaction(self.program.problems, self.runner, self.schedule)
+        step, checked, n_history = self.global_step, self._checked, len(self.history)
+        stopping = self.early_stopping.state_dict()
+        self._pending = []
+        try:
+            yield
+            for record in self._pending:
+                if self.metrics is not None:
+                    self.metrics.log(record)
+        except BaseException as exc:
+            torn = txn.roll_back()
+            self.global_step, self._checked = step, checked
+            self.early_stopping.load_state_dict(stopping)
+            del self.history[n_history:]
+            if torn:
+                self._torn = (
+                    f"a step failed after problems {torn} had updated their parameters and optimizer state in "
+                    "place (EngineConfig(in_place_updates=True)), so it could not be undone: load a checkpoint "
+                    "(Engine.load) to continue, or leave in_place_updates off for all-or-nothing steps"
+                )
+                log.error("%s (%s: %s)", self._torn, type(exc).__name__, exc)
+            raise
+        finally:
+            self._pending = None
 
     def _setup_distributed(self) -> None:
         if self.config.strategy == "distributed" and not self._dist_ready:
@@ -97,17 +144,19 @@ class Engine:
         bar = ProgressBar(self.config.train_iters, self.config.progress and self.rank == 0)
         try:
             while self.global_step < self.config.train_iters:
-                self.global_step += 1
-                self.train_step()
-                bar.update(self.global_step, {n: r.last_loss for n, r in self.runner.runs.items()})
-                if self.global_step % self.config.valid_step == 0 and self.is_implemented("validation"):
-                    bar.clear()
-                    stop = self._validate() if self.rank == 0 else False
-                    if self.world_size > 1:  # every rank must leave the loop together
-                        stop = distributed.broadcast_flag(stop)
-                    if stop:
-                        log.info("early stopping at global step %d", self.global_step)
-                        break
+                with self.transaction():  # NOTE: a step and its validation: both or neither
+                    self.global_step += 1
+                    self.train_step()
+                    bar.update(self.global_step, {n: r.last_loss for n, r in self.runner.runs.items()})
+                    stop = False
+                    if self.global_step % self.config.valid_step == 0 and self.is_implemented("validation"):
+                        bar.clear()
+                        stop = self._validate() if self.rank == 0 else False
+                        if self.world_size > 1:  # every rank must leave the loop together
+                            stop = distributed.broadcast_flag(stop)
+                if stop:
+                    log.info("early stopping at global step %d", self.global_step)
+                    break
         finally:
             bar.close()
             self.train()
@@ -118,6 +167,8 @@ class Engine:
         Under ``strategy="distributed"`` rank 0 writes (ranks hold identical state) and
         the others wait for it; every rank can then ``load`` the file.
         """
+        if self._torn is not None:
+            raise CheckpointError(f"nothing saved to {path}: {self._torn}")
         if self.rank == 0:
             checkpoint.write(path, self.state_dict())
         if self.world_size > 1:
@@ -140,7 +191,9 @@ class Engine:
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.metrics is not None:
+        if self._pending is not None:
+            self._pending.append(record)  # written when the step completes
+        elif self.metrics is not None:
             self.metrics.log(record)
 
     def validation(self) -> dict[str, Any] | None:  # pragma: no cover - user override
@@ -218,11 +271,12 @@ class Engine:
         if self._checked:
             return
         self._setup_distributed()
-        for name, problem in self.program.problems.items():
-            if problem.is_implemented("on_inner_loop_start") and self.schedule.counters[name].loop_start:
-                self.schedule.start_loop(name)
-        check_program(self.program, self.problems, self.config.compile == "eager", self._warn_undeclared)
-        self._checked = True
+        with self.transaction():  # the first windows start here: hooks run, counters move
+            for name, problem in self.program.problems.items():
+                if problem.is_implemented("on_inner_loop_start") and self.schedule.counters[name].loop_start:
+                    self.schedule.start_loop(name)
+            check_program(self.program, self.problems, self.config.compile == "eager", self._warn_undeclared)
+            self._checked = True
 
     def compile(self) -> CompiledProgram:
         """Trace every problem's step now (normally done lazily) and return the CompiledProgram."""
@@ -293,6 +347,7 @@ class Engine:
         self.schedule.load_state_dict(state["schedule"])
         self.runner.load_state_dict(state["runs"])
         self._checked = state["checked"]
+        self._torn = None
         self.global_step = state["global_step"]
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])

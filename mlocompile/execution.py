@@ -89,6 +89,7 @@ class StepRunner:
         self.program, self.fp, self.optimizers, self.compiler = program, fp, optimizers, compiler
         self.options = options  # read at every step: EngineConfig may change between steps
         self.runs: dict[str, ProblemRun] = {}
+        self.in_place: set[str] = set()  # problems whose update wrote into its old tensors (in_place_updates)
         for name, problem in program.problems.items():
             cfg = problem.config
             scaler = LossScaler(scale=cfg.initial_dynamic_scale if cfg.precision == "fp16" else 0.0)
@@ -123,7 +124,10 @@ class StepRunner:
         ``where`` (e.g. "at global step 3 (local step 2)") goes into error messages.
         """
         run, problem = self.runs[name], self.program.problems[name]
-        out = self.compiler.run(StepVariant(name, update), self.inputs(name, batch, run.acc), self.options())
+        variant, options = StepVariant(name, update), self.options()
+        if self.compiler.donates(variant, options):
+            self.in_place.add(name)  # from here on the old parameters may be gone
+        out = self.compiler.run(variant, self.inputs(name, batch, run.acc), options)
         loss = float(out["loss"])
         logs = {k: float(v) for k, v in out["logs"].items()}
         cfg = problem.config
@@ -134,6 +138,7 @@ class StepRunner:
             self.write_buffers(out["buffers"])  # as with GradScaler: the forward happened, the update did not
             return StepResult(loss, logs, skipped=True)
         if check_finite and not (math.isfinite(loss) and math.isfinite(float(out["grad_norm"]))):
+            self.in_place.discard(name)  # the update was guarded: it wrote the old values back
             raise NonFiniteError(
                 f"problem {name!r} {where}: loss={loss}, gradient norm={float(out['grad_norm'])}; lower the "
                 "learning rate, clip gradients (Config(gradient_clipping=...)) or check the data"

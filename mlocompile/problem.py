@@ -61,6 +61,7 @@ class Problem:
         self._iterators: list[Iterator[Any]] | None = None
         self._iter_rng: list[torch.Tensor] = []
         self._consumed: list[int] = []
+        self.fetches = 0  # get_batch calls begun (a call cut short may have advanced an iterator)
         self._init_source: Problem | None = None
         self._peers: tuple[str, ...] = ()
         self.device: torch.device | None = None
@@ -168,6 +169,7 @@ class Problem:
 
     def get_batch(self) -> Any:
         """Return the next training batch, restarting exhausted loaders (Betty semantics)."""
+        self.fetches += 1
         loaders = self._loaders()
         if self._iterators is None:
             self.epoch_counter = [0] * len(loaders)
