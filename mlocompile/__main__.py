@@ -28,7 +28,7 @@ import mlocompile as mlo
 from mlocompile import distributed
 from mlocompile.engine import Engine
 from mlocompile.errors import CliError, MLOError
-from mlocompile.monitor import metric_panels, plot_metrics, read_metrics
+from mlocompile.monitor import RUN_MARKER, metric_panels, plot_metrics, read_metrics
 
 EXAMPLE_HELP = "a script whose build() returns an Engine, or module:function"
 COMPILE_HELP = "backend for every step (EngineConfig.compile; default: the example's)"
@@ -112,11 +112,24 @@ def _cmd_run(args: argparse.Namespace) -> None:
         engine.config.strategy = "distributed"
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.example.split(":")[0]))[0])
     engine.config.output_dir = out
+    if engine.rank == 0 and _drop_previous_metrics(out):
+        print(f"{out}: replacing the metrics of the previous run there")
     engine.run()
     if engine.rank == 0:
         _report(engine, out)
     if engine.world_size > 1:
         distributed.shutdown()  # the other ranks wait until rank 0 has written its files
+
+
+def _drop_previous_metrics(out: str) -> bool:
+    """``run`` owns its folder: remove a previous run's metric files there; return whether there were any."""
+    found = False
+    for name in ("metrics.jsonl", "metrics.csv", RUN_MARKER):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
+            found = True
+    return found
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -19,8 +19,8 @@ import torch
 
 from mlocompile.errors import CheckpointError
 
-FORMAT_VERSION = 3
-REQUIRED = ("global_step", "problems", "schedule", "runs", "checked", "early_stopping", "history", "rng")
+FORMAT_VERSION = 4
+REQUIRED = ("global_step", "problems", "schedule", "runs", "checked", "early_stopping", "history", "run", "rng")
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +73,9 @@ class Engine:
         self.early_stopping = EarlyStopping.from_config(self.config)
         self._pending: list[dict[str, Any]] | None = None  # metric records of the open transaction
         self._torn: str | None = None  # why the state mixes two steps (a failed in-place update)
+        self._stepping = False  # inside the schedule of a train_step (its state half updated)
+        self._run_start: int | None = None  # global step at which the run in progress began
+        self.run_id: str | None = None  # names this engine's metrics in output_dir, once it writes any
 
     # -- public schedule ------------------------------------------------------------------
     def train_step(self) -> None:
@@ -83,8 +87,12 @@ class Engine:
         """
         with self.transaction():
             self._check_program()
-            for leaf in self.program.leaves:
-                self.schedule.step(leaf)
+            self._stepping = True
+            try:
+                for leaf in self.program.leaves:
+                    self.schedule.step(leaf)
+            finally:
+                self._stepping = False
             every = self.config.dist_check_every
             if self.world_size > 1 and every > 0 and self.global_step % every == 0:
                 distributed.check_problems_identical(self.program.problems.values(), self.global_step)
@@ -107,9 +115,7 @@ class Engine:
         self._pending = []
         try:
             yield
-            for record in self._pending:
-                if self.metrics is not None:
-                    self.metrics.log(record)
+            self._write_records(self._pending)
         except BaseException as exc:
             torn = txn.roll_back()
             self.global_step, self._checked = step, checked
@@ -135,28 +141,36 @@ class Engine:
             )
 
     def run(self) -> None:
-        """Train until ``train_iters`` global steps, with validation, early stopping and progress.
+        """Train ``train_iters`` global steps, with validation, early stopping and progress.
 
-        A resumed engine (``load``) continues from its saved global step.
+        As in Betty, each call trains ``train_iters`` more steps; a run cut short (an
+        error, Ctrl-C) or saved mid-way and loaded continues to the end of that run.
         """
         self.train()
         self._check_program()
+        if self._run_start is None:
+            self._run_start = self.global_step
+        end = self._run_start + self.config.train_iters
         bar = ProgressBar(self.config.train_iters, self.config.progress and self.rank == 0)
         try:
-            while self.global_step < self.config.train_iters:
+            while self.global_step < end:
                 with self.transaction():  # NOTE: a step and its validation: both or neither
                     self.global_step += 1
                     self.train_step()
-                    bar.update(self.global_step, {n: r.last_loss for n, r in self.runner.runs.items()})
+                    bar.update(
+                        self.global_step - self._run_start, {n: r.last_loss for n, r in self.runner.runs.items()}
+                    )
                     stop = False
                     if self.global_step % self.config.valid_step == 0 and self.is_implemented("validation"):
                         bar.clear()
                         stop = self._validate() if self.rank == 0 else False
+                        bar.validation(self.history[-1] if self.rank == 0 else {})  # the record _validate wrote
                         if self.world_size > 1:  # every rank must leave the loop together
                             stop = distributed.broadcast_flag(stop)
                 if stop:
                     log.info("early stopping at global step %d", self.global_step)
                     break
+            self._run_start = None  # this run is over: the next trains train_iters more
         finally:
             bar.close()
             self.train()
@@ -169,6 +183,11 @@ class Engine:
         """
         if self._torn is not None:
             raise CheckpointError(f"nothing saved to {path}: {self._torn}")
+        if self._stepping:
+            raise CheckpointError(
+                f"nothing saved to {path}: save() was called inside a train_step, which would write a half-done "
+                "step; save between steps (or from validation(), which runs after the step)"
+            )
         if self.rank == 0:
             checkpoint.write(path, self.state_dict())
         if self.world_size > 1:
@@ -186,15 +205,26 @@ class Engine:
     def metrics(self) -> MetricsLogger | None:
         """The metric files writer (``EngineConfig.output_dir``), or None."""
         if self._metrics is None and self.config.output_dir and self.rank == 0:
-            self._metrics = MetricsLogger(self.config.output_dir, tensorboard=self.config.logger_type == "tensorboard")
+            if self.run_id is None:
+                self.run_id = uuid.uuid4().hex  # NOTE: from os.urandom, not from the random streams a run uses
+            tensorboard = self.config.logger_type == "tensorboard"
+            self._metrics = MetricsLogger.for_run(self.config.output_dir, self.run_id, self.history, tensorboard)
         return self._metrics
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self._pending is not None:
             self._pending.append(record)  # written when the step completes
-        elif self.metrics is not None:
-            self.metrics.log(record)
+        else:
+            self._write_records([record])
+
+    def _write_records(self, records: list[dict[str, Any]]) -> None:
+        """Append the latest ``records`` of ``history`` to the metric files."""
+        opened = self._metrics is not None
+        logger = self.metrics  # NOTE: opening the files writes the whole history, these records included
+        if logger is not None and opened:
+            for record in records:
+                logger.log(record)
 
     def validation(self) -> dict[str, Any] | None:  # pragma: no cover - user override
         """Override to return validation metrics; runs every ``valid_step`` steps."""
@@ -317,6 +347,7 @@ class Engine:
             "checked": self._checked,
             "early_stopping": self.early_stopping.state_dict(),
             "history": list(self.history),
+            "run": {"id": self.run_id, "start": self._run_start},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -351,3 +382,7 @@ class Engine:
         self.global_step = state["global_step"]
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
+        self.run_id, self._run_start = state["run"]["id"], state["run"]["start"]
+        if self._metrics is not None:  # rewritten from the restored history when next needed
+            self._metrics.close()
+            self._metrics = None

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from mlocompile.errors import ProgramError
 
+RUN_MARKER = "run.json"  # in an output_dir: which run its metric files belong to
 _BAR_FORMAT = "{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{stats}"
 
 
@@ -172,6 +173,41 @@ class MetricsLogger:
             except ImportError as exc:  # tensorboard missing
                 raise ImportError("logger_type='tensorboard' needs `pip install tensorboard`") from exc
             self._tb = SummaryWriter(directory)
+
+    @classmethod
+    def for_run(cls, folder: str, run_id: str, history: list[dict[str, Any]], tensorboard: bool) -> MetricsLogger:
+        """Open ``folder``'s metric files for run ``run_id``, never interleaving another run's.
+
+        A folder with no metrics, or with this run's (a resumed run, a second ``run()``)
+        is (re)written from ``history``: records a killed process wrote after its last
+        checkpoint are dropped. TensorBoard event files are only appended to.
+
+        Raises:
+            ProgramError: the folder holds another run's metrics (nothing is changed then).
+        """
+        marker = os.path.join(folder, RUN_MARKER)
+        files = [p for p in (os.path.join(folder, n) for n in ("metrics.jsonl", "metrics.csv")) if os.path.exists(p)]
+        if any(os.path.getsize(p) > 0 for p in files):
+            owner = None
+            if os.path.exists(marker):
+                with open(marker, encoding="utf-8") as fh:
+                    owner = json.load(fh).get("run_id")
+            if owner != run_id:
+                raise ProgramError(
+                    f"EngineConfig.output_dir={folder!r} holds the metrics of another run"
+                    f"{'' if owner is None else f' ({owner})'}; its files would mix with this run's. Use a new "
+                    "output_dir, delete that run's metrics files, or load its checkpoint (Engine.load) to resume it"
+                )
+            for p in files:
+                os.remove(p)
+        os.makedirs(folder, exist_ok=True)
+        with open(marker + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({"run_id": run_id}, fh)
+        os.replace(marker + ".tmp", marker)
+        logger = cls(folder, tensorboard=tensorboard)
+        for record in history:
+            logger.log(record)
+        return logger
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record: ``{"tag": ..., "step": ..., <metric>: <number>, ...}``."""

@@ -64,6 +64,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, method, r
     resumed = resumable_engine(method, roll_back)
     resumed.load(path)
     assert resumed.global_step == 5
+    resumed.config.train_iters = straight.global_step - 5  # a new run: train_iters more steps (Betty)
     resumed.run()
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys()
@@ -73,6 +74,39 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, method, r
         straight.program.problems["inner"].scheduler.get_last_lr()
         == resumed.program.problems["inner"].scheduler.get_last_lr()
     )
+
+
+def test_a_second_run_trains_train_iters_more_steps_as_betty_does():
+    once = resumable_engine()
+    once.config.train_iters = 6
+    once.run()
+    twice = resumable_engine()
+    twice.config.train_iters = 3
+    twice.run()
+    twice.run()
+    assert twice.global_step == once.global_step == 6
+    a, b = _state(once), _state(twice)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_cut_short_goes_on_to_its_end(monkeypatch):
+    """An interrupted run() (or one saved mid-way and loaded) continues that run, not a new one."""
+    engine = resumable_engine()
+    engine.config.train_iters = 6
+    real, calls = engine.train_step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(engine, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert engine.global_step == 3
+    engine.run()
+    assert engine.global_step == 6
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

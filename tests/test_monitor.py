@@ -123,7 +123,8 @@ def test_cli_run_in_a_terminal_shows_the_bar_unless_no_progress(tmp_path):
     status, out = _in_pty(base)
     assert status == 0, out
     final = re.findall(r"100%\|\S{20}\| 10/10 \[[^]]*\]  (.*?)\s*(?:\r|$)", out)
-    assert final and re.fullmatch(r"(inner|outer) \d\.\d+  (inner|outer) \d\.\d+", final[-1]), out
+    losses = r"(inner|outer) \d\.\d+  (inner|outer) \d\.\d+"
+    assert final and re.fullmatch(losses + r"  \| validation .*val_loss \d\.\d+.*", final[-1]), out
     assert {"inner", "outer"} <= set(final[-1].split()), out
     status, out = _in_pty([*base, "--no-progress"])
     assert status == 0 and "wrote " in out, out

@@ -262,7 +262,7 @@ def test_ctrl_c_at_random_times_then_save_load_in_a_new_process_reproduces_the_r
     ref = build("darts", backend, train_iters=iters)
     ref.compile()
     for target in sorted({s + AHEAD for s in steps} | {iters}):
-        ref.config.train_iters = target
+        ref.config.train_iters = target - ref.global_step  # each run() trains train_iters more steps
         ref.run()
         ref.save(str(tmp_path / f"ref{target}.pt"))
     final = checkpoint.read(str(tmp_path / "ckptfinal.pt"))
@@ -290,3 +290,57 @@ print("resumed", {TRIALS})
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed {TRIALS}" in done.stdout
+
+
+# -- output_dir: one run's metrics per folder ---------------------------------------------------
+def _records(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_output_dir_holding_another_runs_metrics_is_refused(tmp_path):
+    first = build(output_dir=str(tmp_path), train_iters=3)
+    first.run()
+    written = (tmp_path / "metrics.jsonl").read_text()
+    second = build(output_dir=str(tmp_path), train_iters=3)
+    with pytest.raises(mlo.ProgramError, match=r"holds the metrics of another run .*Use a new output_dir"):
+        second.run()
+    assert (tmp_path / "metrics.jsonl").read_text() == written  # nothing of the other run touched
+    first.run()  # the same engine's second run appends to its own files
+    assert _records(tmp_path) == first.history and first.global_step == 6
+
+
+def test_a_resumed_run_rewrites_its_files_from_the_checkpoint(tmp_path):
+    """Records a killed process wrote after its last checkpoint are dropped, never interleaved."""
+    out, ckpt = tmp_path / "run", str(tmp_path / "ckpt.pt")
+    engine = build(output_dir=str(out), train_iters=6)
+    real, calls = engine.train_step, []
+
+    def killed_later():
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the process "dies" with step 4 logged after the checkpoint
+        real()
+        if len(calls) == 3:
+            engine.save(ckpt)  # the last checkpoint: three steps done
+
+    engine.train_step = killed_later
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert max(r["step"] for r in _records(out)) == 4
+    resumed = build(output_dir=str(out), train_iters=6)
+    resumed.load(ckpt)
+    resumed.run()
+    straight = build(output_dir=str(tmp_path / "straight"), train_iters=6)
+    straight.run()
+    steps = [r["step"] for r in _records(out)]
+    assert steps == sorted(steps) and _records(out) == resumed.history
+    assert _records(out) == _records(tmp_path / "straight")
+
+
+def test_save_inside_a_step_is_refused(tmp_path, monkeypatch):
+    """A hook that saves mid-step (here: at a window start) would write a half-done step."""
+    engine = build()
+    monkeypatch.setattr(engine.schedule, "_start", lambda name: engine.save(str(tmp_path / "half.pt")))
+    with pytest.raises(mlo.CheckpointError, match=r"half-done step"):
+        engine.train_step()
+    assert not (tmp_path / "half.pt").exists()
