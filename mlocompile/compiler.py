@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from passes.plan_static_buffers import BufferPool
 from passes.report import PassReport
 
 RETRACE_WARNING = 8  # distinct input shapes of one step before the compiler warns
+CACHE_LIMIT = 32  # traced graphs (and step functions) kept per step; the least recently used goes first
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,13 @@ class Compiler:
         self, fp: FunctionalProgram, program: ProgramGraph, optimizers: dict[str, FunctionalOptimizer]
     ) -> None:
         self.fp, self.program, self.optimizers = fp, program, optimizers
-        self._fns: dict[tuple[Any, ...], StepFn] = {}
-        self._traced: dict[tuple[Any, ...], TracedStep] = {}
+        self._fns: OrderedDict[tuple[Any, ...], StepFn] = OrderedDict()
+        self._traced: OrderedDict[tuple[Any, ...], TracedStep] = OrderedDict()
         self.latest: dict[str, TracedStep] = {}
         self.report = PassReport()
         self.buffers: BufferPool = {}  # fx: static temporaries, shared by all steps
         self._shapes: dict[str, set[tuple[Any, ...]]] = {}  # input shapes traced, per step graph
+        self._evicted: set[str] = set()  # steps whose caches are full (warned once)
 
     def config_key(self) -> tuple[Any, ...]:
         """Every problem's ``Config`` fields, as a hashable key (a step reads them while it is built)."""
@@ -93,7 +96,10 @@ class Compiler:
         # the old values then (the engine raises NonFiniteError with the parameters intact)
         guard = options.check_finite and self.donates(variant, options)
         key = (variant, options.init_sources, options.world_size, options.memory_budget, guard, self.config_key())
-        if key not in self._fns:
+        if key in self._fns:
+            self._fns.move_to_end(key)
+        else:
+            self._evict(self._fns, variant, "step functions (one per setting of its Config fields)")
             self._fns[key] = build_step(
                 self.fp,
                 self.program,
@@ -124,7 +130,10 @@ class Compiler:
         traced = self._traced.get(key)
         if traced is None:
             traced = self._compile(variant, flat, options)
+            self._evict(self._traced, variant, "traced graphs (one per input shape and setting)")
             self._traced[key] = traced
+        else:
+            self._traced.move_to_end(key)
             self._warn_if_retracing(variant, flat)
         self.latest[variant.title] = traced
         return traced
@@ -163,9 +172,26 @@ class Compiler:
         traced.runner = traced.runner or direct_runner(traced.gm, variant.title)
         return traced
 
+    def _evict(self, cache: OrderedDict[tuple[Any, ...], Any], variant: StepVariant, what: str) -> None:
+        """Make room for one more entry of ``variant`` in ``cache`` (its keys start with the variant)."""
+        mine = [key for key in cache if key[0] == variant]
+        if len(mine) < CACHE_LIMIT:
+            return
+        del cache[mine[0]]  # the least recently used
+        if variant.title not in self._evicted:
+            self._evicted.add(variant.title)
+            warnings.warn(
+                f"{variant.title}: more than {CACHE_LIMIT} {what}; the least recently used are dropped and "
+                "traced again when needed. Keep batch shapes and settings fixed, or run with "
+                "EngineConfig(compile='eager')",
+                stacklevel=6,
+            )
+
     def _warn_if_retracing(self, variant: StepVariant, flat: FlatInputs) -> None:
         """Warn once per step when it has been traced for more than ``RETRACE_WARNING`` input signatures."""
         shapes = self._shapes.setdefault(variant.title, set())
+        if len(shapes) > RETRACE_WARNING:
+            return  # warned already; the set stays bounded
         shapes.add(tuple(tuple(t.shape) for t in flat.tensors))
         if len(shapes) == RETRACE_WARNING + 1:
             warnings.warn(

@@ -31,6 +31,7 @@ from mlocompile.schedule import Schedule
 from mlocompile.transaction import Transaction
 
 log = logging.getLogger("mlocompile")
+HISTORY_LIMIT = 100_000  # records kept in Engine.history; output_dir's metric files keep them all
 
 
 class Engine:
@@ -75,6 +76,7 @@ class Engine:
         self._torn: str | None = None  # why the state mixes two steps (a failed in-place update)
         self._stepping = False  # inside the schedule of a train_step (its state half updated)
         self._run_start: int | None = None  # global step at which the run in progress began
+        self._history_dropped = 0  # oldest records dropped from history (still in the metric files)
         self.run_id: str | None = None  # names this engine's metrics in output_dir, once it writes any
 
     # -- public schedule ------------------------------------------------------------------
@@ -116,6 +118,7 @@ class Engine:
         try:
             yield
             self._write_records(self._pending)
+            self._trim_history()
         except BaseException as exc:
             torn = txn.roll_back()
             self.global_step, self._checked = step, checked
@@ -208,7 +211,9 @@ class Engine:
             if self.run_id is None:
                 self.run_id = uuid.uuid4().hex  # NOTE: from os.urandom, not from the random streams a run uses
             tensorboard = self.config.logger_type == "tensorboard"
-            self._metrics = MetricsLogger.for_run(self.config.output_dir, self.run_id, self.history, tensorboard)
+            self._metrics = MetricsLogger.for_run(
+                self.config.output_dir, self.run_id, self.history, tensorboard, keep=self._history_dropped
+            )
         return self._metrics
 
     def _record(self, record: dict[str, Any]) -> None:
@@ -217,6 +222,22 @@ class Engine:
             self._pending.append(record)  # written when the step completes
         else:
             self._write_records([record])
+            self._trim_history()
+
+    def _trim_history(self) -> None:
+        """Keep ``history`` within ``HISTORY_LIMIT`` records, dropping the oldest (warned once)."""
+        extra = len(self.history) - HISTORY_LIMIT
+        if extra <= 0:
+            return
+        extra = max(extra, HISTORY_LIMIT // 10)  # NOTE: in chunks, so a long run pays O(1) per record
+        if self._history_dropped == 0:
+            log.warning(
+                "Engine.history keeps the last %d records; older ones are dropped from memory (and from checkpoints)%s",
+                HISTORY_LIMIT - HISTORY_LIMIT // 10,
+                "; the metric files in output_dir keep all of them" if self.config.output_dir else "",
+            )
+        del self.history[:extra]
+        self._history_dropped += extra
 
     def _write_records(self, records: list[dict[str, Any]]) -> None:
         """Append the latest ``records`` of ``history`` to the metric files."""
@@ -347,7 +368,7 @@ class Engine:
             "checked": self._checked,
             "early_stopping": self.early_stopping.state_dict(),
             "history": list(self.history),
-            "run": {"id": self.run_id, "start": self._run_start},
+            "run": {"id": self.run_id, "start": self._run_start, "history_dropped": self._history_dropped},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -383,6 +404,7 @@ class Engine:
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
         self.run_id, self._run_start = state["run"]["id"], state["run"]["start"]
+        self._history_dropped = state["run"]["history_dropped"]
         if self._metrics is not None:  # rewritten from the restored history when next needed
             self._metrics.close()
             self._metrics = None

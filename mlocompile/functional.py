@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mlocompile.errors import ProgramError, TraceError
+from mlocompile.errors import MLOError, ProgramError, TraceError
 from mlocompile.ir import annotate
 from mlocompile.problem import Problem
 
@@ -209,9 +209,25 @@ class FunctionalProgram:
                 for key, t in tensors.items():
                     flat[f"mods.{prob}.{key}"] = t
             with _LikePlainPyTorch():
-                out = torch.func.functional_call(self.root, flat, (name, batch), strict=False)
+                try:
+                    out = torch.func.functional_call(self.root, flat, (name, batch), strict=False)
+                except MLOError:
+                    raise
+                except Exception as exc:
+                    if reads_a_value(str(exc)):
+                        raise  # tracing explains it (the line that read a value, and the fix)
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    raise ProgramError(
+                        f"the training_step of problem {name!r} raised {type(exc).__name__}: {first} (its traceback "
+                        "is above)"
+                    ) from exc
         loss, logs = split_loss(name, out)
         return loss, logs, after
+
+
+def reads_a_value(msg: str) -> bool:
+    """Whether an error message says traced code read a tensor's value (``.item()``, ``if t:``)."""
+    return "_local_scalar_dense" in msg or "data-dependent" in msg
 
 
 def split_loss(name: str, out: Any) -> tuple[Tensor, dict[str, Tensor]]:

@@ -175,12 +175,15 @@ class MetricsLogger:
             self._tb = SummaryWriter(directory)
 
     @classmethod
-    def for_run(cls, folder: str, run_id: str, history: list[dict[str, Any]], tensorboard: bool) -> MetricsLogger:
+    def for_run(
+        cls, folder: str, run_id: str, history: list[dict[str, Any]], tensorboard: bool, keep: int = 0
+    ) -> MetricsLogger:
         """Open ``folder``'s metric files for run ``run_id``, never interleaving another run's.
 
         A folder with no metrics, or with this run's (a resumed run, a second ``run()``)
-        is (re)written from ``history``: records a killed process wrote after its last
-        checkpoint are dropped. TensorBoard event files are only appended to.
+        is (re)written: its first ``keep`` records (older than ``history``), then
+        ``history``; so records a killed process wrote after its last checkpoint are
+        dropped. TensorBoard event files are only appended to.
 
         Raises:
             ProgramError: the folder holds another run's metrics (nothing is changed then).
@@ -198,14 +201,19 @@ class MetricsLogger:
                     f"{'' if owner is None else f' ({owner})'}; its files would mix with this run's. Use a new "
                     "output_dir, delete that run's metrics files, or load its checkpoint (Engine.load) to resume it"
                 )
-            for p in files:
-                os.remove(p)
+        older: list[dict[str, Any]] = []
+        jsonl = os.path.join(folder, "metrics.jsonl")
+        if keep and os.path.exists(jsonl):
+            with open(jsonl, encoding="utf-8") as fh:
+                older = [json.loads(line) for _, line in zip(range(keep), fh)]
+        for p in files:
+            os.remove(p)
         os.makedirs(folder, exist_ok=True)
         with open(marker + ".tmp", "w", encoding="utf-8") as fh:
             json.dump({"run_id": run_id}, fh)
         os.replace(marker + ".tmp", marker)
         logger = cls(folder, tensorboard=tensorboard)
-        for record in history:
+        for record in [*older, *history]:
             logger.log(record)
         return logger
 

@@ -268,8 +268,29 @@ def lower_optimizer(
 
 
 def lower_optimizers(problems: Mapping[str, Any]) -> dict[str, FunctionalOptimizer]:
-    """Lower every problem's optimizer over its trainable parameters, by problem name."""
-    return {n: lower_optimizer(p.optimizer, p.named_trainable_parameters()) for n, p in problems.items()}
+    """Lower every problem's optimizer over its trainable parameters, by problem name.
+
+    Raises:
+        ProgramError: naming the problem, for an optimizer over another problem's
+            parameters or any mismatch ``lower_optimizer`` reports.
+    """
+    owner = {id(t): (n, k) for n, p in problems.items() for k, t in p.named_trainable_parameters().items()}
+    out = {}
+    for name, problem in problems.items():
+        for group in problem.optimizer.param_groups:
+            for t in group["params"]:
+                other, key = owner.get(id(t), (name, ""))
+                if other != name:
+                    raise ProgramError(
+                        f"problem {name!r}: its optimizer holds {other}.{key}, a parameter of problem {other!r}; "
+                        "an optimizer updates only its own problem's parameters: build it from the module of "
+                        f"problem {name!r} (module.parameters())"
+                    )
+        try:
+            out[name] = lower_optimizer(problem.optimizer, problem.named_trainable_parameters())
+        except ProgramError as exc:
+            raise ProgramError(f"problem {name!r}: {exc}") from None
+    return out
 
 
 # Scalars are computed in float64 (torch's Python-float arithmetic), then cast to the

@@ -323,6 +323,24 @@ def attach_problems(problems: Sequence[Problem], owner: object) -> None:
                 if hasattr(type(other), name):
                     raise ProgramError(f"problem name {name!r} clashes with an attribute of {other.name!r}; rename it")
                 setattr(other, name, problem)
+    _check_own_parameters(problems)
+
+
+def _check_own_parameters(problems: Sequence[Problem]) -> None:
+    """Raise ProgramError if two problems' modules hold the same parameter tensor."""
+    owner: dict[int, tuple[str, str]] = {}
+    for problem in problems:
+        if problem.module is None:
+            continue
+        for key, param in problem.module.named_parameters():
+            first = owner.setdefault(id(param), (problem.name, key))
+            if first[0] != problem.name:
+                raise ProgramError(
+                    f"problems {first[0]!r} and {problem.name!r} share a parameter ({first[0]}.{first[1]} is "
+                    f"{problem.name}.{key}); each problem trains its own parameters. Give each problem its own "
+                    "module (copy.deepcopy), or keep a shared part in one problem and call it from the other's "
+                    "training_step (self.<problem>(x))"
+                )
 
 
 def _configure(problem: Problem) -> None:

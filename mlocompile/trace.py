@@ -19,6 +19,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from mlocompile.errors import MLOError, TraceError
+from mlocompile.functional import reads_a_value
 from mlocompile.ir import adopt_annotations, slim_meta
 from mlocompile.step import StepFn
 
@@ -143,7 +144,7 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
         raise
     except RuntimeError as exc:
         msg = str(exc)
-        if _reads_a_value(msg):
+        if reads_a_value(msg):
             raise TraceError(f"{title}: {_value_read_advice(exc)}") from exc
         raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
     finally:
@@ -183,17 +184,13 @@ def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str
     except MLOError:
         raise
     except RuntimeError as exc:
-        if _reads_a_value(str(exc)):
+        if reads_a_value(str(exc)):
             raise TraceError(f"the training_step of problem {name!r}: {_value_read_advice(exc)}") from exc
         raise TraceError(f"tracing the training_step of problem {name!r} failed: {str(exc).splitlines()[0]}") from exc
     finally:
         torch.set_rng_state(rng)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {p for (p, _), node in zip(names, placeholders) if node.users}
-
-
-def _reads_a_value(msg: str) -> bool:
-    return "_local_scalar_dense" in msg or "data-dependent" in msg
 
 
 def _value_read_advice(exc: BaseException) -> str:

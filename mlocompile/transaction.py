@@ -66,7 +66,7 @@ class _ProblemState:
     params: dict[str, Tensor]
     cloned: bool  # params are copies (a hook may write into the live ones)
     buffers: dict[str, Tensor]
-    opt_state: dict[str, dict[str, Tensor]]
+    opt_state: dict[Tensor, dict[str, Any]]  # torch.optim's ``state``
     opt_extra: dict[str, Any]
     groups: list[dict[str, Any]]  # every param group's settings but its parameters (lr, ...)
     scheduler: dict[str, Any] | None
@@ -80,13 +80,18 @@ class _ProblemState:
         cloned = problem.is_implemented("on_inner_loop_start")
         params = {k: p.detach().clone() if cloned else p.data for k, p in named.items()}
         buffers = {k: b.clone() for k, b in runner.fp.read_buffers()[name].items()}
-        opt = runner.optimizers[name]
         assert problem.optimizer is not None  # attach_problems checked it
-        groups = [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in problem.optimizer.param_groups]
+        # NOTE: torch.optim's state by reference (steps replace its tensors), but its step counters by
+        # value: write_state advances those in place, as torch.optim does
+        opt_state = {
+            p: {k: v.clone() if k == "step" and isinstance(v, Tensor) else v for k, v in st.items()}
+            for p, st in problem.optimizer.state.items()
+        }
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in problem.optimizer.param_groups]
         sched = None if problem.scheduler is None else copy.deepcopy(problem.scheduler.state_dict())
+        extra = runner.optimizers[name].state_dict()
         data = problem.data_state()
-        state = opt.read_state(), opt.state_dict()
-        return cls(params, cloned, buffers, *state, groups, sched, data, problem.fetches, problem.cur_batch)
+        return cls(params, cloned, buffers, opt_state, extra, groups, sched, data, problem.fetches, problem.cur_batch)
 
     def restore(self, problem: Problem, runner: StepRunner, name: str) -> None:
         for key, param in runner.fp.named_params()[name].items():
@@ -95,10 +100,15 @@ class _ProblemState:
         with torch.no_grad():
             for key, value in self.buffers.items():
                 live[key].copy_(value)
-        opt = runner.optimizers[name]
-        opt.write_state(self.opt_state)
-        opt.load_state_dict(self.opt_extra)
         assert problem.optimizer is not None
+        state = problem.optimizer.state
+        for p in [p for p in state if p not in self.opt_state]:
+            del state[p]  # a first step created it
+        for p, saved in self.opt_state.items():
+            entry = state[p]  # NOTE: the same dict, refilled: references to it (state_dict()) stay valid
+            entry.clear()
+            entry.update(saved)
+        runner.optimizers[name].load_state_dict(self.opt_extra)
         for group, saved in zip(problem.optimizer.param_groups, self.groups):
             group.update(saved)
         if problem.scheduler is not None and self.scheduler is not None:
@@ -115,7 +125,7 @@ class Transaction:
     def __init__(self, problems: dict[str, Problem], runner: StepRunner, schedule: Schedule) -> None:
         self.problems, self.runner, self.schedule = problems, runner, schedule
         self.rng = rng_state()
-        self.counters = copy.deepcopy(schedule.counters)
+        self.counters = {n: dataclasses.replace(c, ready=dict(c.ready)) for n, c in schedule.counters.items()}
         self.runs = {n: _copy_run(r) for n, r in runner.runs.items()}
         self.states = {n: _ProblemState.capture(p, runner, n) for n, p in problems.items()}
         runner.in_place.clear()

@@ -75,15 +75,21 @@ def test_unknown_method_is_rejected(hpo: ModuleType) -> None:
         hpo.build("maml", iters=10)
 
 
-def test_main_prints_table(hpo: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_prints_per_seed_tables_and_mean_std(hpo: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     torch.set_num_threads(2)
-    rows = hpo.main(["--methods", "darts", "--iters", "50", "--seed", "1"])
+    rows = hpo.main(["--methods", "darts", "--iters", "50", "--seeds", "1", "2"])
     out = capsys.readouterr().out
     assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"
     torch.set_num_threads(1)
     assert "method" in out and "val loss" in out and "test acc" in out and "mean lambda" in out
-    assert [r["method"].split()[0] for r in rows] == ["fixed", "grid", "darts"]
-    assert "[  darts] step    50" in out
-    table = out[out.index("val loss") :].splitlines()
-    assert any(line.startswith("darts") for line in table)
-    assert all(math.isfinite(r["val_loss"]) for r in rows)
+    assert [r["method"] for r in rows] == ["fixed", "grid", "darts"]
+    assert out.count("[  darts] step    50") == 2 and "seed 1" in out and "seed 2" in out
+    summary = out[out.index("mean ± std over 2 seeds") :].splitlines()
+    assert any(line.startswith("darts") and line.count("±") == 3 for line in summary)
+    for r in rows:
+        assert r["seeds"] == 2 and [run["seed"] for run in r["runs"]] == [1, 2]
+        losses = [run["test_loss"] for run in r["runs"]]
+        assert r["test_loss"] == pytest.approx(sum(losses) / 2)
+        assert r["test_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))  # sample std
+        assert all(math.isfinite(run["val_loss"]) for run in r["runs"])
+    assert all(run["method"].startswith("grid ") for run in rows[1]["runs"])  # each seed's chosen lambda

@@ -85,15 +85,62 @@ def test_unknown_method_is_rejected(lbi: ModuleType) -> None:
         lbi.build(iters=1, method="maml")
 
 
-def test_main_prints_table(lbi: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def _selected(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The study's rule, written out independently: best validation accuracy, then lowest loss, then earliest."""
+    best_acc = max(r["val_acc"] for r in records)
+    tied = [r for r in records if r["val_acc"] == best_acc]
+    best_loss = min(r["val_loss"] for r in tied)
+    return next(r for r in tied if r["val_loss"] == best_loss)
+
+
+def test_main_reports_final_and_validation_selected_accuracy(
+    lbi: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.set_num_threads(2)
     rows = lbi.main(["--iters", "10", "--seeds", "0", "1", "--methods", "darts", "--compile", "eager"])
     out = capsys.readouterr().out
     assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"
     torch.set_num_threads(1)
-    assert "method" in out and "target test acc" in out and "w corrupt" in out
+    assert "method" in out and "final test acc" in out and "at val" in out and "w corrupt" in out
     assert [r["method"] for r in rows] == ["target only", "target +val", "uniform", "LBI darts", "oracle"]
     assert all(r["seeds"] == 2 and math.isfinite(r["test_acc"]) for r in rows)
-    table = out[out.index("target test acc") :].splitlines()
-    assert any(line.startswith("LBI darts") and "±" in line for line in table)
+    table = out[out.index("final test acc") :].splitlines()
+    assert any(line.startswith("LBI darts") and line.count("±") == 2 for line in table)
     assert "[ LBI darts s1] step    10" in out
+    by_name = {r["method"]: r for r in rows}
+    # target +val trains on the validation split: it has nothing to select a step with
+    assert "selected_test_acc" not in by_name["target +val"]
+    for name in ("target only", "uniform", "LBI darts", "oracle"):
+        row = by_name[name]
+        assert [run["seed"] for run in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            history = run["history"]
+            assert [h["step"] for h in history] == list(range(1, 11)), name  # every iters // EVALS = 1 steps
+            best = _selected(history)
+            assert (run["selected_step"], run["selected_test_acc"]) == (best["step"], best["test_acc"]), name
+            assert history[-1]["test_acc"] == run["test_acc"], name  # the last record is the final model
+        assert row["selected_test_acc"] == pytest.approx(sum(r["selected_test_acc"] for r in row["runs"]) / 2)
+        assert f"[{name:>13}] seed 1: selected step" in out
+
+
+def test_selection_never_reads_test_accuracy(lbi: ModuleType) -> None:
+    records = [
+        {"step": 10, "val_acc": 0.90, "val_loss": 0.30, "test_acc": 0.99},
+        {"step": 20, "val_acc": 0.95, "val_loss": 0.25, "test_acc": 0.10},
+        {"step": 30, "val_acc": 0.95, "val_loss": 0.20, "test_acc": 0.20},  # a tie on accuracy: lower loss wins
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # any test accuracies: the same step
+        shuffled = [{**r, "test_acc": torch.rand(1, generator=gen).item()} for r in records]
+        assert lbi.select_step(shuffled)["step"] == 30
+    assert lbi.select_step([{k: v for k, v in r.items() if k != "test_acc"} for r in records])["step"] == 30
+
+
+def test_target_only_history_describes_the_model_at_each_step(lbi: ModuleType) -> None:
+    data = lbi.load_data(0)
+    history: list[dict[str, Any]] = []
+    final = lbi.target_only(40, data, 0, history=history)
+    assert [h["step"] for h in history] == list(range(2, 41, 2)) and history[-1]["test_acc"] == final
+    assert history[14]["step"] == 30 and history[14]["test_acc"] == lbi.target_only(30, data, 0)
+    with pytest.raises(ValueError, match="cannot select a step"):
+        lbi.target_only(4, data, 0, ("train", "val"), history=[])

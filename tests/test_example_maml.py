@@ -111,15 +111,20 @@ def test_meta_training_improves_post_adaptation_mse(maml: ModuleType, test_tasks
     assert trained[10][0] < trained[0][0], trained  # adapting from the learned initialization helps
 
 
-def test_main_prints_table(maml: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_prints_per_seed_tables_and_mean_std(maml: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     torch.set_num_threads(2)
-    rows = maml.main(["--meta-steps", "10", "--steps", "1", "--test-tasks", "10"])
+    rows = maml.main(["--meta-steps", "10", "--steps", "1", "--test-tasks", "10", "--seeds", "0", "1"])
     out = capsys.readouterr().out
     assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"
     torch.set_num_threads(1)
     assert "init" in out and "0 steps" in out and "10 steps" in out and "seconds" in out
-    assert "[maml] meta-step    10" in out
+    assert out.count("[maml] meta-step    10") == 2 and "seed 1:" in out
     assert [r["init"] for r in rows] == ["MAML", "pretrained"]
-    table = out[out.index("0 steps") :].splitlines()
-    assert any(line.startswith("pretrained") for line in table)
-    assert all(math.isfinite(r[k][0]) for r in rows for k in (0, 1, 10))
+    summary = out[out.index("over 2 seeds") :].splitlines()
+    assert any(line.startswith("pretrained") for line in summary)
+    for r in rows:
+        assert r["seeds"] == 2 and [run["seed"] for run in r["runs"]] == [0, 1]
+        for k in (0, 1, 10):
+            means = [run[k][0] for run in r["runs"]]
+            assert r[k][0] == pytest.approx(sum(means) / 2)
+            assert r[k][1] == pytest.approx(abs(means[0] - means[1]) / math.sqrt(2))  # sample std over seeds

@@ -103,18 +103,74 @@ def test_unknown_method_is_rejected(mwn: ModuleType) -> None:
         mwn.build("mwn", iters=10)
 
 
-def test_main_prints_table(mwn: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def _selected(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The study's rule, written out independently: best meta accuracy, then lowest meta loss, then earliest."""
+    best_acc = max(r["meta_acc"] for r in records)
+    tied = [r for r in records if r["meta_acc"] == best_acc]
+    best_loss = min(r["meta_loss"] for r in tied)
+    return next(r for r in tied if r["meta_loss"] == best_loss)
+
+
+def test_main_reports_final_and_validation_selected_accuracy(
+    mwn: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.set_num_threads(2)
     rows = mwn.main(["--seeds", "0", "1", "--iters", "20"])
     out = capsys.readouterr().out
     assert torch.get_num_threads() == 2, "main() must restore the caller's thread count"
     torch.set_num_threads(1)
-    assert "baseline acc" in out and "MWN acc" in out and "w noisy" in out
+    assert "baseline final" in out and "MWN final" in out and "at val" in out and "w noisy" in out
     assert "[  darts] step    20" in out
     assert [r["seed"] for r in rows] == [0, 1]
-    table = out[out.index("baseline acc") :].splitlines()
-    assert any(line.startswith("mean±std") for line in table)
+    table = out[out.index("baseline final") :].splitlines()
+    assert any(line.startswith("mean±std") and line.count("±") == 4 for line in table)
     assert all(0.0 <= r["mwn_acc"] <= 1.0 and math.isfinite(r["w_clean"]) for r in rows)
+    for r in rows:
+        for arm in ("mwn", "baseline"):
+            history = r[f"{arm}_history"]
+            # one record every iters // EVALS = 1 steps, each with meta-set and test metrics
+            assert [h["step"] for h in history] == list(range(1, 21)), arm
+            best = _selected(history)
+            assert (r[f"{arm}_selected_step"], r[f"{arm}_selected_acc"]) == (best["step"], best["test_acc"]), arm
+        # the engine's last record is the model the final accuracy was measured on
+        assert r["mwn_history"][-1]["test_acc"] == r["mwn_acc"]
+        assert r["baseline_history"][-1]["test_acc"] == r["baseline_acc"]
+
+
+def test_selection_never_reads_test_accuracy(mwn: ModuleType) -> None:
+    records = [
+        {"step": 10, "meta_acc": 0.80, "meta_loss": 0.70, "test_acc": 0.95},
+        {"step": 20, "meta_acc": 0.85, "meta_loss": 0.60, "test_acc": 0.10},
+        {"step": 30, "meta_acc": 0.85, "meta_loss": 0.50, "test_acc": 0.20},  # a tie on accuracy: lower loss wins
+        {"step": 40, "meta_acc": 0.70, "meta_loss": 0.40, "test_acc": 0.99},
+    ]
+    assert mwn.select_step(records)["step"] == 30
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # any test accuracies: the same step
+        shuffled = [{**r, "test_acc": torch.rand(1, generator=gen).item()} for r in records]
+        assert mwn.select_step(shuffled)["step"] == 30
+    assert mwn.select_step([{k: v for k, v in r.items() if k != "test_acc"} for r in records])["step"] == 30
+    with pytest.raises(ValueError, match="no validation records"):
+        mwn.select_step([])
+
+
+def test_baseline_history_describes_the_model_at_each_step(mwn: ModuleType, trained: Any) -> None:
+    history: list[dict[str, Any]] = []
+    mwn.fit_baseline(40, 0, trained.data, history=history)
+    assert [h["step"] for h in history] == list(range(2, 41, 2))
+    # the record at step 30 is what training for 30 steps alone gives (same batches, same init)
+    alone = mwn.fit_baseline(30, 0, trained.data)
+    assert history[14]["step"] == 30
+    assert history[14]["test_acc"] == mwn.accuracy(alone, trained.data["test"])
+    assert history[14]["meta_acc"] == mwn.accuracy(alone, trained.data["meta"])
+
+
+def test_engine_records_validation_every_iters_over_evals(mwn: ModuleType, trained: Any) -> None:
+    records = mwn.validation_records(trained.history)
+    every = ITERS // mwn.EVALS
+    assert [r["step"] for r in records] == list(range(every, ITERS + 1, every))
+    assert {"meta_loss", "meta_acc", "test_acc", "w_clean", "w_noisy"} <= set(records[-1])
+    assert records[-1]["test_acc"] == mwn.evaluate(trained)["test_acc"]
 
 
 def test_resnet_variant_tracks_running_statistics_and_evaluates_in_eval_mode(mwn: ModuleType) -> None:

@@ -178,3 +178,44 @@ def test_problem_names_become_attributes():
     p0 = engine.program.problems["p0"]
     assert p0.p1 is engine.program.problems["p1"] and engine.p2 is engine.program.problems["p2"]
     assert isinstance(Reweighted, type)
+
+
+def _mwn_pair(shared: bool = False, inner_params=None):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    wnet = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    outer_module = net if shared else wnet
+    params = net.parameters() if inner_params is None else inner_params(net, wnet)
+    inner = Reweighted("inner", mlo.Config(), net, torch.optim.SGD(params, lr=0.1), train_data_loader=mwn_data(0))
+    outer = Meta(
+        "outer", mlo.Config(), outer_module, torch.optim.Adam(outer_module.parameters()), train_data_loader=mwn_data(1)
+    )
+    return lambda: mlo.Engine([outer, inner], dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ({"shared": True}, r"problems 'outer' and 'inner' share a parameter \(outer.0.weight is inner.0.weight\)"),
+        (
+            {"inner_params": lambda net, wnet: [*net.parameters(), *wnet.parameters()]},
+            r"problem 'inner': its optimizer holds outer.0.weight, a parameter of problem 'outer'",
+        ),
+        (
+            {"inner_params": lambda net, wnet: list(net.parameters())[:2]},
+            r"problem 'inner': optimizer SGD .* named but not in the optimizer: '2.weight', '2.bias'",
+        ),
+    ],
+)
+def test_parameters_owned_by_two_problems_or_missing_from_an_optimizer_are_rejected(case, match):
+    """Never a raw torch error, never a silently untrained or doubly trained parameter."""
+    with pytest.raises(mlo.ProgramError, match=match):
+        _mwn_pair(**case)()
+
+
+def test_a_parameter_replaced_after_construction_is_named():
+    engine = _mwn_pair()()
+    engine.train_step()
+    engine.inner.module[0].weight = nn.Parameter(torch.zeros(8, 6))
+    with pytest.raises(mlo.ProgramError, match=r"problem 'inner': trainable parameter\(s\) \['0.weight'\] were replaced"):
+        engine.train_step()
