@@ -38,7 +38,12 @@ def library(impl: str) -> SimpleNamespace:
         EngineConfig=mlocompile.EngineConfig,
         ImplicitProblem=mlocompile.ImplicitProblem,
         IterativeProblem=mlocompile.IterativeProblem,
-        engine_kw={"compile": impl, "progress": False, "log_every": 0},
+        engine_kw={
+            "compile": "fx" if impl == "fx_inplace" else impl,
+            "in_place_updates": impl == "fx_inplace",
+            "progress": False,
+            "log_every": 0,
+        },
     )
 
 

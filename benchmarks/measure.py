@@ -120,7 +120,7 @@ def _import_for(impl: str) -> None:
     # NOTE: libraries are imported before the baseline so their code is not counted as memory
     if impl == "betty":
         import betty.engine  # noqa: F401
-    elif impl in ("eager", "fx", "inductor"):
+    elif impl in ("eager", "fx", "fx_inplace", "inductor"):
         import mlocompile  # noqa: F401
     if impl == "inductor":
         import torch._inductor.compile_fx  # noqa: F401

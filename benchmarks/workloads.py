@@ -17,8 +17,9 @@ from torch import nn
 
 from benchmarks import programs as P
 
-IMPLS = ("eager", "fx", "inductor", "betty", "torchfunc")
-MLOCOMPILE_IMPLS = ("eager", "fx", "inductor")
+IMPLS = ("eager", "fx", "fx_inplace", "inductor", "betty", "torchfunc")
+# fx_inplace: fx with EngineConfig(in_place_updates=True) (updates written into the old tensors, not atomic)
+MLOCOMPILE_IMPLS = ("eager", "fx", "fx_inplace", "inductor")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ WORKLOADS: dict[str, Workload] = {
             "scale_mwn_105m",
             "scale",
             sizes=SCALE_SIZES,
-            impls=("fx", "eager", "inductor", "betty"),
+            impls=("fx", "fx_inplace", "eager", "inductor", "betty"),
             warmup=1,
             min_cycles=3,
             min_seconds=0.0,
