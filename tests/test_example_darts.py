@@ -92,3 +92,9 @@ def test_main_prints_table(darts: ModuleType, capsys: pytest.CaptureFixture[str]
     table = out[out.index("architecture") :].splitlines()
     assert any(line.startswith("DARTS") and "0->1:" in line for line in table)
     assert all(0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["seconds"]) for r in rows)
+    assert "DARTS retrain seed 0: test acc" in out and "retraining seeds of the cell searched with seed 0" in out
+    assert rows[1]["test_std"] is None  # one retraining: no spread to report
+    randoms = [float(line.split("test acc ")[1].split()[0]) for line in out.splitlines() if "  random " in line]
+    assert len(randoms) == 2 and rows[2]["test_std"] == pytest.approx(
+        abs(randoms[0] - randoms[1]) / math.sqrt(2), abs=1e-4
+    )

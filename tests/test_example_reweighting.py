@@ -123,7 +123,7 @@ def test_main_reports_final_and_validation_selected_accuracy(
     assert "[  darts] step    20" in out
     assert [r["seed"] for r in rows] == [0, 1]
     table = out[out.index("baseline final") :].splitlines()
-    assert any(line.startswith("mean±std") and line.count("±") == 4 for line in table)
+    assert any(line.startswith("mean±std") and line.count("±") == 1 + 4 for line in table)  # label, 4 accuracies
     assert all(0.0 <= r["mwn_acc"] <= 1.0 and math.isfinite(r["w_clean"]) for r in rows)
     for r in rows:
         for arm in ("mwn", "baseline"):
