@@ -132,9 +132,9 @@ class Compiler:
             traced = self._compile(variant, flat, options)
             self._evict(self._traced, variant, "traced graphs (one per input shape and setting)")
             self._traced[key] = traced
+            self._warn_if_retracing(variant, flat)
         else:
             self._traced.move_to_end(key)
-            self._warn_if_retracing(variant, flat)
         self.latest[variant.title] = traced
         return traced
 

@@ -103,7 +103,7 @@ def main() -> None:
     first = mwn(train_iters=4)
     first.run()
     first.save(os.path.join(out, "ckpt.pt"))
-    resumed = mwn(train_iters=8)
+    resumed = mwn(train_iters=4)  # a new run() trains train_iters more steps: 4 + 4
     resumed.load(os.path.join(out, "ckpt.pt"))
     resumed.run()
     results["resume_straight"], results["resume"] = params(straight), params(resumed)
