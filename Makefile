@@ -37,7 +37,7 @@ demo: $(VENV)/.ready
 	$(BIN)/mlocompile plot $(OUT)/demo -o $(OUT)/demo/curves.png
 
 test: $(VENV)/.ready
-	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): ~10 min on 2 cores, ~17 serially
+	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): ~21 min on 2 cores (918 tests, 2026-12-02 CI run)
 
 # For daily work: everything but the tests marked slow (inductor compiles; see pyproject's markers).
 test-fast: $(VENV)/.ready
