@@ -142,6 +142,14 @@ def nbytes(val: Any) -> int:
     return 0
 
 
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``"1.5 MiB"``, ``"12 B"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def node_nbytes(node: Node) -> int:
     """Bytes of a node's tensor value (0 for tuples and non-tensor values)."""
     val = node.meta.get("val")

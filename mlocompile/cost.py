@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from mlocompile.analysis import estimate_peak_memory, nbytes
+from mlocompile.analysis import estimate_peak_memory, format_bytes, nbytes
 from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.program import ProgramGraph
 from mlocompile.symbols import HVP_FACTOR, SYMBOLS, UPDATE_FLOPS, B, G, K, a, c, d, iters, p  # noqa: F401 - re-exported
@@ -73,7 +73,7 @@ class CostReport:
         rows = [f"{'step':<20} {'FLOPs':>10} {'peak mem':>11} {'inputs':>11}  peak at"]
         for s in self.steps.values():
             rows.append(
-                f"{s.title:<20} {_si(s.flops):>10} {_bytes(s.peak_bytes):>11} {_bytes(s.input_bytes):>11}  {s.peak_node}"
+                f"{s.title:<20} {_si(s.flops):>10} {format_bytes(s.peak_bytes):>11} {format_bytes(s.input_bytes):>11}  {s.peak_node}"
             )
             rows.append("    by role:    " + _breakdown(s.flops_by_role))
             rows.append("    by problem: " + _breakdown(s.flops_by_problem))
@@ -147,13 +147,6 @@ def _si(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)}"
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _breakdown(counts: dict[str, int]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import aliased_input, find_written_args, nbytes
+from mlocompile.analysis import aliased_input, find_written_args, format_bytes, nbytes
 from mlocompile.errors import ProgramError, RenderError
 from mlocompile.program import ProgramGraph
 
@@ -423,13 +423,6 @@ def _si(n: float) -> str:
     return f"{int(n)} "
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _shapes_label(producers: list[Node], limit: int = 3) -> str:
     """``[16x8]``, or ``2× [8]`` for repeats, one line per shape, ``+k more`` past ``limit``."""
     counts = Counter(s for n in producers if (s := _shape(n.meta.get("val"))) is not None)
@@ -451,7 +444,7 @@ def _block_node(nid: str, block: Block, repeat: int, node_flops: NodeFlops | Non
     # NOTE: a view writes nothing; an in-place or out= op writes its result like any other op
     written = sum(nbytes(n.meta.get("val")) for n in ops if aliased_input(n) is None or find_written_args(n))
     cost = [f"{len(ops)} ops"] + ([f"{_si(sum(node_flops(n) for n in ops))}FLOPs"] if node_flops else [])
-    lines.append(" · ".join([*cost, f"{_size(written)} written"]))
+    lines.append(" · ".join([*cost, f"{format_bytes(written)} written"]))
     tooltip = f"problem={problem} role={role} module={mod or '-'}: " + ", ".join(f"{k}×{c}" for k, c in names.items())
     return f"{_q(nid)} {_attrs(label=_label(lines), fillcolor=ROLE_COLORS.get(role, 'white'), tooltip=tooltip)};"
 
@@ -490,7 +483,7 @@ def _block_step_lines(title: str, gm: GraphModule, problems: set[str], node_flop
             groups.setdefault(_input_group(node, problems), []).append(node)
     for group, members in groups.items():
         source.update((n, f"{title}/in:{group}") for n in members)
-        lines = [group, f"{len(members)} tensors · {_size(sum(nbytes(n.meta.get('val')) for n in members))}"]
+        lines = [group, f"{len(members)} tensors · {format_bytes(sum(nbytes(n.meta.get('val')) for n in members))}"]
         out.append(f"    {_q(f'{title}/in:{group}')} {_attrs(label=_label(lines), fillcolor=ROLE_COLORS['io'])};")
     seen: Counter[_BlockKey] = Counter()
     by_problem: dict[str, list[str]] = {}
