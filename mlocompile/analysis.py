@@ -157,8 +157,47 @@ def node_nbytes(node: Node) -> int:
 
 
 def meta_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A ``meta``-device tensor with ``t``'s shape, strides and dtype (what ``val`` meta needs)."""
-    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+    """A ``meta``-device tensor with ``t``'s shape, strides and dtype (what ``val`` meta needs).
+
+    Symbolic sizes (a graph traced with symbolic batch dimensions) take the traced
+    example's values.
+    """
+    shape = tuple(size_hint(s) for s in t.shape)
+    stride = tuple(size_hint(s) for s in t.stride())
+    return torch.empty_strided(shape, stride, dtype=t.dtype, device="meta")
+
+
+def size_hint(x: Any) -> Any:
+    """A ``SymInt``'s value in the traced example (what it was when traced); anything else as it is."""
+    if isinstance(x, torch.SymInt):
+        return x.node.hint
+    return x
+
+
+def symbolic_layout(val: Any) -> Any:
+    """A traced value's layout with its symbolic sizes as text: ``(("s0", "6"), ("6", "1"), "0")`` for a
+    tensor, the expression for a size, None otherwise. Equal layouts are equal for every accepted size."""
+    if isinstance(val, torch.Tensor):
+        return (tuple(map(str, val.shape)), tuple(map(str, val.stride())), str(val.storage_offset()))
+    if isinstance(val, torch.SymInt):
+        return str(val)
+    if isinstance(val, (tuple, list)):
+        return tuple(symbolic_layout(v) for v in val)
+    return None
+
+
+def same_symbolic_layout(a: Node, b: Node) -> bool:
+    """Whether two nodes' values have the same layout for every size their graph accepts.
+
+    In a graph traced at fixed sizes, equal ``val`` layouts suffice (True here); in one
+    traced with symbolic sizes both nodes must carry equal ``mlo.sym`` layouts (a node
+    a pass created without one is not known to match).
+    """
+    gm = a.graph.owning_module
+    if gm is None or not gm.meta.get("mlo.dynamic"):
+        return True
+    sa, sb = a.meta.get("mlo.sym"), b.meta.get("mlo.sym")
+    return sa is not None and sa == sb
 
 
 def meta_like(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -7,6 +7,7 @@ to inductor. The eager backend has no graph: it calls the step function itself.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Sequence
@@ -66,6 +67,25 @@ def direct_runner(gm: torch.fx.GraphModule, title: str) -> Any:
     return run
 
 
+def _compile_restarting(compile_fx: Any, gm: GraphModule, inputs: list[torch.Tensor]) -> Any:
+    """Run inductor's compile, restarting it as Dynamo would when AOTAutograd asks to.
+
+    With symbolic sizes, AOTAutograd's scalar pass may decide that a float computed from a
+    size is better specialized, record that, and raise ``TensorifyScalarRestartAnalysis``:
+    Dynamo catches it and starts over, and the second attempt specializes. The guard the
+    compiler evaluates is read from the shape environment after this, so it includes what
+    was specialized.
+    """
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    for _ in range(3):
+        try:
+            return compile_fx(copy.deepcopy(gm), inputs)
+        except TensorifyScalarRestartAnalysis:
+            continue
+    return compile_fx(gm, inputs)
+
+
 def compile_with_inductor(gm: GraphModule, tensors: Sequence[torch.Tensor], title: str) -> Any:
     """Compile a step graph with inductor; on failure warn, name the op, and return None.
 
@@ -86,7 +106,7 @@ def compile_with_inductor(gm: GraphModule, tensors: Sequence[torch.Tensor], titl
         # (inductor's own RNG would give other dropout masks), so an itd replay, which sets
         # the generator to each live step's state, reproduces the live steps' masks
         with _inductor.config.patch(fallback_random=True):
-            return _inductor.compile(gm, list(tensors))
+            return _compile_restarting(_inductor.compile, gm, list(tensors))
     except Exception as exc:  # inductor raises many types; all mean "could not compile"
         msg = str(exc)
         ops = sorted(set(re.findall(r"aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", msg)))

@@ -6,6 +6,12 @@ size, donation, init sources), every problem's ``Config`` fields, the optimizer'
 structure, the inputs' shapes/dtypes/devices and static leaves, and the
 ``training`` flag of every submodule. A change traces again; nothing is set on the
 compiler from outside.
+
+Sizes are the exception: when a step meets inputs that differ from an earlier trace
+only in some sizes (a last partial batch, another sequence length), it is traced once
+more with exactly those dimensions symbolic, and that graph serves every later size
+its guard accepts (``TracedStep.accepts``): 40 batch sizes cost two traces, or three
+when one of them is 1 (make_fx specializes sizes 0 and 1).
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.step import StepFn, StepVariant, build_step
-from mlocompile.trace import FlatInputs, TracedStep, flatten_inputs, trace_step
+from mlocompile.trace import FlatInputs, TracedStep, data_inputs, flatten_inputs, shape_guard, trace_step
 from passes.plan_static_buffers import BufferPool
 from passes.report import PassReport
 
 RETRACE_WARNING = 8  # distinct input shapes of one step before the compiler warns
 CACHE_LIMIT = 32  # traced graphs (and step functions) kept per step; the least recently used goes first
+ALIAS_LIMIT = 1024  # input signatures remembered as served by a symbolic graph (forgotten ones re-check its guard)
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,12 @@ class Compiler:
         self.buffers: BufferPool = {}  # fx: static temporaries, shared by all steps
         self._shapes: dict[str, set[tuple[Any, ...]]] = {}  # input shapes traced, per step graph
         self._evicted: set[str] = set()  # steps whose caches are full (warned once)
+        # per input structure (the key without sizes): the shapes traced at fixed sizes, the symbolic graphs
+        self._sized: OrderedDict[tuple[Any, ...], list[tuple[tuple[int, ...], ...]]] = OrderedDict()
+        self._symbolic: OrderedDict[tuple[Any, ...], list[TracedStep]] = OrderedDict()
+        self._served: OrderedDict[tuple[Any, ...], TracedStep] = OrderedDict()  # exact key -> symbolic graph
+        self._fixed_only: set[tuple[Any, ...]] = set()  # structures whose symbolic trace failed (warned once)
+        self._pinned: OrderedDict[tuple[Any, ...], set[tuple[int, int]]] = OrderedDict()  # sizes traces specialized
 
     def config_key(self) -> tuple[Any, ...]:
         """Every problem's ``Config`` fields, as a hashable key (a step reads them while it is built)."""
@@ -126,17 +139,94 @@ class Compiler:
         flat = flatten_inputs(inputs) if flat is None else flat
         opt_sig = self.optimizers[variant.problem].signature()
         # NOTE: like guards, the key holds everything the trace read: a change retraces
-        key = (variant, options, opt_sig, flat.key(), self.config_key(), self.fp.training_flags())
-        traced = self._traced.get(key)
+        settings = (variant, options, opt_sig)
+        key = (*settings, flat.key(), self.config_key(), self.fp.training_flags())
+        traced = self._traced.get(key) or self._served.get(key)
         if traced is None:
-            traced = self._compile(variant, flat, options)
-            self._evict(self._traced, variant, "traced graphs (one per input shape and setting)")
-            self._traced[key] = traced
-            self._warn_if_retracing(variant, flat)
-        else:
+            base = (*settings, flat.structure(), self.config_key(), self.fp.training_flags())
+            traced = next((t for t in self._symbolic.get(base, ()) if t.accepts(flat)), None)
+            if traced is None:
+                traced = self._compile_new(variant, inputs, flat, options, base)
+                self._evict(self._traced, variant, "traced graphs (one per input shape and setting)")
+                self._traced[key] = traced
+                self._warn_if_retracing(variant, flat)
+            else:
+                self._served[key] = traced
+                if len(self._served) > ALIAS_LIMIT:
+                    self._served.popitem(last=False)
+        elif key in self._traced:
             self._traced.move_to_end(key)
         self.latest[variant.title] = traced
         return traced
+
+    def _compile_new(
+        self,
+        variant: StepVariant,
+        inputs: dict[str, Any],
+        flat: FlatInputs,
+        options: CompileOptions,
+        base: tuple[Any, ...],
+    ) -> TracedStep:
+        """Trace ``variant`` for inputs no cached graph serves: with symbolic sizes where inputs of this
+        structure have been seen at other sizes (and the sizes here are not 0 or 1), else at fixed sizes."""
+        dynamic = self._dynamic_dims(base, inputs, flat)
+        if dynamic:
+            try:
+                traced = self._compile(variant, flat, options, dynamic)
+            except Exception as exc:  # noqa: BLE001 - any failure: the fixed-size trace says what is wrong, if anything
+                self._fixed_only.add(base)
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                warnings.warn(
+                    f"{variant.title}: could not trace with symbolic sizes ({first}); tracing it at each input "
+                    "shape instead",
+                    stacklevel=5,
+                )
+            else:
+                # the code fixed these sizes (int(x.shape[0])): later traces keep them fixed
+                self._pinned.setdefault(base, set()).update(traced.specialized())
+                self._bound(self._pinned)
+                graphs = self._symbolic.setdefault(base, [])
+                graphs.insert(0, traced)
+                del graphs[4:]  # the newest symbolic graphs first; each later one generalizes more dims
+                self._bound(self._symbolic)
+                return traced
+        traced = self._compile(variant, flat, options)
+        self._sized.setdefault(base, []).append(flat.shapes())
+        del self._sized[base][:-RETRACE_WARNING]
+        self._bound(self._sized)
+        return traced
+
+    def _dynamic_dims(
+        self, base: tuple[Any, ...], inputs: dict[str, Any], flat: FlatInputs
+    ) -> frozenset[tuple[int, int]]:
+        """The (input, dim) pairs to trace as symbols: every size that differs from an earlier trace of
+        this input structure and, where a data tensor's size changed at dim d, dim d of every data tensor
+        (another problem's batch, an itd window's) so that one symbolic graph serves them all. Empty
+        when there is nothing to generalize or a size here is 0 or 1 (make_fx specializes those)."""
+        if base in self._fixed_only:
+            return frozenset()
+        now = flat.shapes()
+        pinned = self._pinned.get(base, set())
+        dims: set[tuple[int, int]] = set()
+        for shapes in self._sized.get(base, []):
+            dims |= {
+                (i, d) for i, (a, b) in enumerate(zip(now, shapes)) for d, (n, m) in enumerate(zip(a, b)) if n != m
+            }
+        dims -= pinned
+        if not dims:  # nothing changed but sizes the step's code fixes
+            return frozenset()
+        dims |= {dim for graph in self._symbolic.get(base, ()) for dim in graph.dynamic} - pinned
+        data = data_inputs(inputs, flat)
+        data_dims = {d for i, d in dims if i in data}
+        dims |= {(i, d) for i in data for d in data_dims if d < len(now[i]) and now[i][d] >= 2} - pinned
+        if any(now[i][d] < 2 for i, d in dims):  # make_fx specializes sizes 0 and 1: trace this one at its sizes
+            return frozenset()
+        return frozenset(dims)
+
+    def _bound(self, cache: OrderedDict[tuple[Any, ...], Any]) -> None:
+        """Keep a per-structure record to the most recent ``CACHE_LIMIT`` structures per compiler."""
+        while len(cache) > CACHE_LIMIT * 8:
+            cache.popitem(last=False)
 
     def trace_all(self, name: str, inputs: dict[str, Any], options: CompileOptions) -> None:
         """Trace every step variant of problem ``name`` (accumulating and updating) for ``inputs``."""
@@ -149,8 +239,14 @@ class Compiler:
         graphs = {title: self.latest[title].gm for title in sorted(self.latest)}
         return CompiledProgram(self.program, graphs, self.report)
 
-    def _compile(self, variant: StepVariant, flat: FlatInputs, options: CompileOptions) -> TracedStep:
-        traced = trace_step(self.step_fn(variant, options), flat, variant.title)
+    def _compile(
+        self,
+        variant: StepVariant,
+        flat: FlatInputs,
+        options: CompileOptions,
+        dynamic: frozenset[tuple[int, int]] = frozenset(),
+    ) -> TracedStep:
+        traced = trace_step(self.step_fn(variant, options), flat, variant.title, dynamic)
         fx = options.compile == "fx"
         cfg = self.program.problems[variant.problem].config
         traced.gm = passes.run_graph_pipeline(
@@ -168,7 +264,10 @@ class Compiler:
         )
         if options.compile == "inductor":
             lowered = passes.run_inductor_lowering(copy.deepcopy(traced.gm), variant.title, self.report)
-            traced.runner = compile_with_inductor(lowered, flat.tensors, variant.title)
+            # a symbolic step compiles for its fake inputs: inductor's kernels take the sizes as arguments,
+            # and whatever inductor assumed of them joins the guard
+            traced.runner = compile_with_inductor(lowered, traced.fakes or flat.tensors, variant.title)
+            traced.guard = shape_guard(traced)
         traced.runner = traced.runner or direct_runner(traced.gm, variant.title)
         return traced
 

@@ -10,7 +10,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_written_args, meta_tensor
+from mlocompile.analysis import find_written_args, meta_tensor, size_hint, symbolic_layout
 from mlocompile.errors import IRVerificationError
 
 # Every node.meta key mlocompile uses: who writes it, who reads it.
@@ -23,6 +23,8 @@ META_KEYS: dict[str, str] = {
     "mlo.remat": "rematerialize writes, on a recomputed node, the name of the node it copies; printer reads",
     "mlo.segment": "itd writes 'sweep a-b' / 'replay a-b' on the steps of a checkpointed (segmented) unroll; printer reads",
     "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
+    "mlo.sym": "trace writes, in a graph traced with symbolic batch dimensions, each value's symbolic shape and "
+    "strides (its ``val`` holds the traced example's sizes); reinplace, simplify and the buffer planner read",
 }
 ROLES = ("io", "forward", "grad", "direct", "hypergrad", "comm", "update", "callback")
 
@@ -51,13 +53,28 @@ def slim_meta(gm: GraphModule) -> None:
     make_fx stores every value as a FakeTensor, each with its own fake mode and a
     captured Python stack (~20 KB per node in all); a ``meta``-device tensor of the
     same shape, strides and dtype carries what is needed for a few hundred bytes.
+    In a graph traced with symbolic sizes (``gm.meta["mlo.dynamic"]``) ``val`` holds
+    the traced example's sizes and ``mlo.sym`` the symbolic layout
+    (``analysis.symbolic_layout``), so passes that compare layouts stay exact for
+    every size the graph accepts.
     """
+    dynamic = bool(gm.meta.get("mlo.dynamic"))
     for node in gm.graph.nodes:
         kept = {k: v for k, v in node.meta.items() if k.startswith("mlo.")}
         if "val" in node.meta:
-            kept["val"] = torch.utils._pytree.tree_map_only(torch.Tensor, meta_tensor, node.meta["val"])
+            val = node.meta["val"]
+            if dynamic:
+                kept["mlo.sym"] = symbolic_layout(val)
+            kept["val"] = torch.utils._pytree.tree_map(_concrete, val)
         node.meta.clear()
         node.meta.update(kept)
+
+
+def _concrete(x: Any) -> Any:
+    """A traced value as plain data: a tensor as a meta tensor, a symbolic size as its example's value."""
+    if isinstance(x, torch.Tensor):
+        return meta_tensor(x)
+    return size_hint(x)
 
 
 def _fmt_arg(a: Any) -> str:

@@ -17,6 +17,7 @@ except ImportError:  # optree missing or too old: the pure-Python pytree, same r
     import torch.utils._pytree as pytree  # type: ignore[no-redef]
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from mlocompile.errors import MLOError, TraceError
 from mlocompile.functional import reads_a_value
@@ -41,12 +42,20 @@ class FlatInputs:
     slots: tuple[int, ...]
 
     def key(self) -> tuple[Any, ...]:
-        """Return what decides whether a traced graph can be reused for these inputs.
+        """Return what decides whether a graph traced at fixed sizes can be reused for these inputs.
 
         The slots are part of it: a graph traced with two leaves sharing one input must
         not run on inputs where they differ.
         """
         return (self.spec, self.statics, self.slots, tuple(map(_TENSOR_META, self.tensors)))
+
+    def structure(self) -> tuple[Any, ...]:
+        """``key()`` without the sizes: inputs alike in all but sizes share it (one symbolic graph may serve them)."""
+        return (self.spec, self.statics, self.slots, tuple((t.dim(), t.dtype, t.device) for t in self.tensors))
+
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Every graph input's shape."""
+        return tuple(tuple(t.shape) for t in self.tensors)
 
 
 def flatten_inputs(inputs: dict[str, Any]) -> FlatInputs:
@@ -91,6 +100,17 @@ def input_names(inputs: dict[str, Any]) -> dict[int, list[str]]:
     return names
 
 
+def data_inputs(inputs: dict[str, Any], flat: FlatInputs) -> frozenset[int]:
+    """The graph inputs (indices into ``flat.tensors``) that are data: batches, the other problems'
+    last batches, itd windows' batches; the rest are parameters, buffers and optimizer state."""
+    names = input_names(inputs)
+    return frozenset(
+        i
+        for i, t in enumerate(flat.tensors)
+        if any(p.split(".")[0] in ("batch", "last") or ".batches." in p for p in names.get(id(t), []))
+    )
+
+
 def _path_name(path: tuple[Any, ...]) -> str:
     parts = []
     for entry in path:
@@ -108,20 +128,52 @@ def unflatten_inputs(flat: FlatInputs, tensors: list[torch.Tensor]) -> dict[str,
 
 @dataclass
 class TracedStep:
-    """A traced step: the GraphModule and how to map inputs/outputs to it."""
+    """A traced step: the GraphModule and how to map inputs/outputs to it.
+
+    A step traced with symbolic sizes (``dynamic``: the (input, dim) pairs that are
+    symbols) serves every input of its structure whose other sizes equal the traced
+    example's (``shapes``) and whose sizes pass the trace's ``guard`` (what the graph
+    assumed of its symbols, e.g. ``s0 >= 2`` or two batch dimensions being equal).
+    """
 
     gm: GraphModule
     out_spec: pytree.TreeSpec
     title: str
     runner: Any = None  # what executes: ``gm`` (if None), its direct-call form (fx) or its inductor-compiled form
+    dynamic: frozenset[tuple[int, int]] = frozenset()
+    shapes: tuple[tuple[int, ...], ...] = ()
+    guard: Any = None  # compiled guard expression over ``L["t<i>"]`` (None: no condition)
+    fakes: list[torch.Tensor] | None = None  # the symbolic trace's fake inputs (a backend compiles for them)
 
     def __call__(self, flat: FlatInputs) -> dict[str, Any]:
         outs = (self.gm if self.runner is None else self.runner)(*flat.tensors)
         return pytree.tree_unflatten(list(outs), self.out_spec)  # type: ignore[no-any-return]
 
+    def specialized(self) -> frozenset[tuple[int, int]]:
+        """The symbolic sizes tracing fixed to their traced values (code such as ``int(x.shape[0])``)."""
+        if not self.fakes:
+            return frozenset()
+        return frozenset((i, d) for i, d in self.dynamic if self.fakes[i].shape[d].node.expr.is_number)  # type: ignore[union-attr, attr-defined]
 
-def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
-    """Trace ``fn`` at ``flat``'s shapes into an aten-level GraphModule with mlo.* meta."""
+    def accepts(self, flat: FlatInputs) -> bool:
+        """Whether this symbolic step computes the step for ``flat`` (of the structure it was traced for)."""
+        for i, (t, traced) in enumerate(zip(flat.tensors, self.shapes)):
+            if any(n != m and (i, d) not in self.dynamic for d, (n, m) in enumerate(zip(t.shape, traced))):
+                return False
+        if self.guard is None:
+            return True
+        return bool(eval(self.guard, SYMPY_INTERP, {"L": {f"t{i}": t for i, t in enumerate(flat.tensors)}}))  # noqa: S307
+
+
+def trace_step(
+    fn: StepFn, flat: FlatInputs, title: str, dynamic: frozenset[tuple[int, int]] = frozenset()
+) -> TracedStep:
+    """Trace ``fn`` at ``flat``'s shapes into an aten-level GraphModule with mlo.* meta.
+
+    ``dynamic`` names (input, dim) pairs to trace as symbols (make_fx's symbolic mode
+    over fake inputs): the graph then serves other sizes there, as ``TracedStep.accepts``
+    checks. Without it the trace runs for real at these shapes.
+    """
     holder: dict[str, pytree.TreeSpec] = {}
 
     def flat_fn(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -139,7 +191,10 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
             # functionalize: PyTorch's composite kernels write in place (LSTM cells add_,
             # sigmoid_; maximum's backward masked_fill_); the passes see a pure IR instead.
             pure = torch.func.functionalize(flat_fn, remove="mutations")
-            gm = make_fx(pure, tracing_mode="real")(*[t.detach() for t in flat.tensors])
+            if dynamic:
+                gm, fakes = _trace_symbolic(pure, flat.tensors, dynamic)
+            else:
+                gm, fakes = make_fx(pure, tracing_mode="real")(*[t.detach() for t in flat.tensors]), None
     except MLOError:
         raise
     except RuntimeError as exc:
@@ -159,7 +214,41 @@ def trace_step(fn: StepFn, flat: FlatInputs, title: str) -> TracedStep:
     for node, tensor in zip(placeholders, flat.tensors):
         paths = names[id(tensor)]  # the same object at several leaves: one placeholder each, in order
         node.meta["mlo.input"] = paths.pop(0) if len(paths) > 1 else paths[0]
-    return TracedStep(gm=gm, out_spec=holder["spec"], title=title)
+    traced = TracedStep(gm, holder["spec"], title, dynamic=dynamic, shapes=flat.shapes(), fakes=fakes)
+    traced.guard = shape_guard(traced)
+    return traced
+
+
+def shape_guard(traced: TracedStep) -> Any:
+    """What a symbolic trace (and any compile after it) assumed of its symbols, as a compiled expression
+    over ``L["t<i>"]`` (None: no assumption, or the step is not symbolic)."""
+    if not traced.fakes:
+        return None
+    env = traced.fakes[0].fake_mode.shape_env  # type: ignore[attr-defined]
+    # NOTE: ignore_static=False: a symbol the trace specialized (``int(x.shape[0])``) is static now, and
+    # its guard (size == traced value) is exactly the one that must not be dropped
+    code = env.produce_guards_expression(traced.fakes, ignore_static=False)
+    return None if code is None else compile(code, "<mlocompile shape guard>", "eval")
+
+
+def _trace_symbolic(
+    fn: Any, tensors: list[torch.Tensor], dynamic: frozenset[tuple[int, int]]
+) -> tuple[GraphModule, list[torch.Tensor]]:
+    """make_fx ``fn`` over fake copies of ``tensors`` whose ``dynamic`` dims are symbols; return the graph
+    and the fake inputs (their shape environment holds the trace's guards)."""
+    from torch._dynamo.source import LocalSource  # NOTE: here: loading dynamo costs ~1 s, fixed shapes never need it
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    env = ShapeEnv(duck_shape=False)  # equal example sizes are not assumed equal; only what the graph needs is
+    mode = FakeTensorMode(shape_env=env)
+    fakes: list[torch.Tensor] = []
+    for i, t in enumerate(tensors):
+        sizes = [DimDynamic.DYNAMIC if (i, d) in dynamic else DimDynamic.STATIC for d in range(t.dim())]
+        context: Any = StatelessSymbolicContext(dynamic_sizes=sizes)  # type: ignore[arg-type]
+        fakes.append(mode.from_tensor(t.detach(), source=LocalSource(f"t{i}"), symbolic_context=context))
+    gm = make_fx(fn, tracing_mode="symbolic")(*fakes)
+    gm.meta["mlo.dynamic"] = True
+    return gm, fakes
 
 
 def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str, Any], batch: Any) -> set[str]:

@@ -70,7 +70,8 @@ def plan_static_buffers(
     it writes), else a new one. ``pool`` (kept by the caller) holds the buffers, so
     the graphs of one compiler, which never run at the same time, share them.
     ``device`` is where the step's tensors live (node meta holds ``meta``-device
-    values); None (inputs on several devices) plans nothing.
+    values); None (inputs on several devices) plans nothing, and so does a graph
+    traced with symbolic sizes (no fixed buffer fits every size it accepts).
 
     Requires: a verified step graph with ``val`` meta; run last (after reinplace).
     Ensures: the same values (bitwise); large temporaries are static buffers.
@@ -82,7 +83,7 @@ def plan_static_buffers(
         %y = aten.relu_(%h)                  %y = aten.relu_(%h)
     """
     pool = {} if pool is None else pool
-    if device is None:
+    if device is None or gm.meta.get("mlo.dynamic"):  # symbolic sizes: no buffer fits every size
         return gm
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import UNANNOTATED_VIEWS
+from mlocompile.analysis import UNANNOTATED_VIEWS, same_symbolic_layout
 
 aten = torch.ops.aten
 
@@ -75,7 +75,7 @@ def _write_where_into_its_else_input(n: Node, owned: set[Node], returned: set[No
     vx, vn = x.meta.get("val"), n.meta.get("val")
     if not isinstance(vx, torch.Tensor) or not isinstance(vn, torch.Tensor):
         return False
-    if vx.shape != vn.shape or vx.dtype != vn.dtype or vx.stride() != vn.stride():
+    if vx.shape != vn.shape or vx.dtype != vn.dtype or vx.stride() != vn.stride() or not same_symbolic_layout(x, n):
         return False
     n.target = aten.where.self_out
     n.kwargs = {"out": x}
@@ -127,6 +127,8 @@ def reinplace_pointwise(gm: GraphModule, donated: frozenset[str] = frozenset()) 
         if not isinstance(va, torch.Tensor) or not isinstance(vn, torch.Tensor):
             continue
         if va.shape != vn.shape or va.dtype != vn.dtype or va.stride() != vn.stride():
+            continue
+        if not same_symbolic_layout(a, n):  # symbolic sizes: equal example sizes need not stay equal
             continue
         inplace = _inplace_variant(target)
         if inplace is None:

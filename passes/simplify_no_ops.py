@@ -17,7 +17,7 @@ import torch
 from torch._ops import OpOverload
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_mutated_storages, find_storage_base
+from mlocompile.analysis import find_mutated_storages, find_storage_base, same_symbolic_layout
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor, aten.add.Scalar}
@@ -133,6 +133,7 @@ def _same_tensor_meta(a: Node, b: Node) -> bool:
         and va.device == vb.device
         and va.stride() == vb.stride()
         and va.storage_offset() == vb.storage_offset()
+        and same_symbolic_layout(a, b)
     )
 
 

@@ -186,17 +186,3 @@ def test_transformer_dropout_draws_what_plain_pytorch_draws(backend, monkeypatch
     want = (torch.sigmoid(lam.p.detach().new_tensor(torch.linspace(-1.0, 1.0, corpus.N_SAMPLES))[idx]) * per).mean()
     got = next(r["loss"] for r in engine.history if r["tag"] == "lower")
     assert got == want.item()
-
-
-def test_many_batch_shapes_warn_once():
-    engine, _, _ = corpus.build("mlp", "darts", "fx")
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g), torch.arange(n)) for n in range(1, 12)
-    ]
-    with pytest.warns(
-        UserWarning, match="step_lower_accumulate has been traced for 9 different input shapes"
-    ) as record:
-        for batch in batches:
-            engine.gradients("lower", batch)
-    assert sum("different input shapes" in str(r.message) for r in record) == 1
