@@ -116,6 +116,8 @@ def _arm_loss(mp, engine: mlo.Engine, cls: type, exc: type[BaseException]):
     if engine.config.compile != "eager":
         mp.setattr(engine.compiler, "_traced", {})  # NOTE: a fresh cache: the step retraces
         mp.setattr(engine.compiler, "_fns", {})
+        mp.setattr(engine.compiler, "_served", {})
+        mp.setattr(engine.compiler, "_symbolic", {})
     return _arm(mp, cls, "training_step", exc)
 
 
