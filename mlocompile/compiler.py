@@ -224,7 +224,7 @@ class Compiler:
         return frozenset(dims)
 
     def _bound(self, cache: OrderedDict[tuple[Any, ...], Any]) -> None:
-        """Keep a per-structure record to the most recent ``CACHE_LIMIT`` structures per compiler."""
+        """Keep a per-structure record to the ``8 * CACHE_LIMIT`` most recently added structures."""
         while len(cache) > CACHE_LIMIT * 8:
             cache.popitem(last=False)
 
