@@ -8,50 +8,31 @@ single-tensor ``torch.optim`` kernels to fp64 round-off. Hyperparameters are rea
 from and written back to ``optimizer.state`` so checkpoints and a later eager
 ``optimizer.step()`` continue seamlessly.
 
-Exactness notes: ``x.add(y, alpha=a)`` and ``x.addcmul(y, z, value=a)`` use a fused
-multiply-add on CPU, which ``torch.addcmul(x, y, a_tensor)`` /
-``torch.addcmul(x, a * y, z)`` reproduce bit for bit while taking ``a`` as a tensor.
+What each class computes is its rule in ``optim_rules.OPTIMIZER_RULES`` (SGD, Adam,
+AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam); this module reads and writes
+the user's optimizer around those rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mlocompile.errors import ProgramError
+from mlocompile.optim_rules import OPTIMIZER_RULES, REFUSED_OPTIONS, SUPPORTED, OptimizerRule
 
 StateDict = dict[str, dict[str, Tensor]]
-
-SUPPORTED = "SGD (momentum, dampening, nesterov, weight_decay, maximize), Adam, AdamW (weight_decay, amsgrad, maximize)"
-_KINDS: dict[type, str] = {
-    torch.optim.SGD: "sgd",
-    torch.optim.Adam: "adam",
-    torch.optim.AdamW: "adamw",
-}
-
-
-@dataclass(frozen=True)
-class _GroupFlags:
-    """Structural choices of one param group: each one changes the traced graph."""
-
-    maximize: bool
-    weight_decay: bool  # weight_decay != 0
-    momentum: bool = False  # SGD: momentum != 0
-    dampening: bool = False  # SGD: dampening != 0
-    nesterov: bool = False
-    amsgrad: bool = False
-    decoupled: bool = False  # Adam(W): decoupled weight decay
 
 
 class FunctionalOptimizer:
     """Pure, differentiable, traceable update rule mirroring one torch.optim optimizer.
 
     Attributes:
-        kind: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        kind: The rule's short name (``"sgd"``, ``"adam"``, ``"rmsprop"``, ...; see
+            ``optim_rules.OPTIMIZER_RULES``).
         optimizer: The user's optimizer; hyperparameters and state live there.
         named_params: Parameter name -> the parameter the optimizer holds.
     """
@@ -60,16 +41,19 @@ class FunctionalOptimizer:
         """Check the optimizer is supported and map every parameter to its group.
 
         Raises:
-            ProgramError: The optimizer class is unsupported, a parameter is complex, or
-                the optimizer's parameters and ``named_params`` differ.
+            ProgramError: The optimizer class is unsupported, an option it has is not
+                reproduced (``capturable``, ``differentiable``, ``fused``), a parameter is
+                complex, or the optimizer's parameters and ``named_params`` differ.
         """
         name = type(optimizer).__name__
-        if type(optimizer) not in _KINDS:
+        rule = OPTIMIZER_RULES.get(type(optimizer))
+        if rule is None:
             raise ProgramError(
                 f"optimizer {name} cannot be lowered to a functional update; supported: "
                 f"{SUPPORTED}; use one of these for this problem"
             )
-        self.kind = _KINDS[type(optimizer)]
+        self.rule: OptimizerRule = rule
+        self.kind = rule.kind
         self.optimizer = optimizer
         self.named_params = dict(named_params)
         self._group_of = _match_params(optimizer, self.named_params)
@@ -79,25 +63,20 @@ class FunctionalOptimizer:
                     f"optimizer {name}: parameter {pname!r} is complex ({p.dtype}); "
                     "only real floating-point parameters are supported"
                 )
+        for i in range(len(optimizer.param_groups)):
+            self._flags(i)  # refused options raise now, not at the first step
         # torch's SGD keeps no step counter; remember ours so read/write round-trips.
         self._sgd_steps: dict[str, float] = {}
 
-    def _flags(self, i: int) -> _GroupFlags:
+    def _flags(self, i: int) -> dict[str, bool]:
         g = self.optimizer.param_groups[i]
-        if self.kind == "sgd":
-            return _GroupFlags(
-                maximize=bool(g["maximize"]),
-                weight_decay=float(g["weight_decay"]) != 0,
-                momentum=float(g["momentum"]) != 0,
-                dampening=float(g["dampening"]) != 0,
-                nesterov=bool(g["nesterov"]),
-            )
-        return _GroupFlags(
-            maximize=bool(g["maximize"]),
-            weight_decay=float(g["weight_decay"]) != 0,
-            amsgrad=bool(g["amsgrad"]),
-            decoupled=bool(g.get("decoupled_weight_decay", self.kind == "adamw")),
-        )
+        for option in self.rule.refused:
+            if g.get(option):
+                raise ProgramError(
+                    f"optimizer {type(self.optimizer).__name__}: param_groups[{i}] has {option}="
+                    f"{g[option]!r}: {REFUSED_OPTIONS[option]}"
+                )
+        return dict(self.rule.flags(g))
 
     def state_dict(self) -> dict[str, Any]:
         """What ``optimizer.state_dict()`` lacks: SGD step counts (plain SGD keeps no state)."""
@@ -109,25 +88,14 @@ class FunctionalOptimizer:
 
     def signature(self) -> tuple[Any, ...]:
         """Return the hashable structure of the update; a change means a retrace."""
-        groups = tuple(self._flags(i) for i in range(len(self.optimizer.param_groups)))
+        groups = tuple(tuple(self._flags(i).items()) for i in range(len(self.optimizer.param_groups)))
         return (self.kind, groups, tuple(self._group_of.items()))
 
     def hyperparameters(self) -> dict[str, Tensor]:
         """Read the numeric hyperparameters now, as 0-dim float64 tensors keyed ``"i.name"``."""
         out: dict[str, Tensor] = {}
         for i, g in enumerate(self.optimizer.param_groups):
-            if self.kind == "sgd":
-                values = {k: g[k] for k in ("lr", "momentum", "dampening", "weight_decay")}
-            else:
-                beta1, beta2 = g["betas"]
-                values = {
-                    "lr": g["lr"],
-                    "beta1": beta1,
-                    "beta2": beta2,
-                    "eps": g["eps"],
-                    "weight_decay": g["weight_decay"],
-                }
-            for k, v in values.items():
+            for k, v in self.rule.hyper(g).items():
                 out[f"{i}.{k}"] = self._scalar(float(v))
         return out
 
@@ -141,30 +109,33 @@ class FunctionalOptimizer:
         return cache[value]  # type: ignore[no-any-return]
 
     def read_state(self) -> StateDict:
-        """Return each parameter's state, zero-initialised where torch has none yet.
+        """Return each parameter's state, initialised as torch would where it has none yet.
 
         The returned tensors may alias ``optimizer.state``; treat them as read-only.
         Every entry has ``"step"``, a 0-dim float64 tensor (0 = never stepped), shared
-        by all parameters with the same count.
+        by all parameters with the same count; other 0-dim counters (NAdam's
+        ``mu_product``) are fresh tensors in torch's scalar dtype.
         """
         out: StateDict = {}
-        flags = [self._flags(i) for i in range(len(self.optimizer.param_groups))]
+        groups = self.optimizer.param_groups
+        flags = [self._flags(i) for i in range(len(groups))]
         for name, p in self.named_params.items():
             st = self.optimizer.state.get(p, {})  # .get: never create empty entries
+            i = self._group_of[name]
             if self.kind == "sgd":
                 s: dict[str, Tensor] = {}
                 step = self._sgd_steps.get(name, 0.0)
-                if flags[self._group_of[name]].momentum:
+                if flags[i]["momentum"]:
                     buf = st.get("momentum_buffer")
                     # step == 0 selects torch's "buf = grad" first-step branch.
                     step = 0.0 if buf is None else max(step, 1.0)
                     s["momentum_buffer"] = torch.zeros_like(p) if buf is None else buf
             else:
                 step = float(st["step"]) if "step" in st else 0.0
-                keys = ["exp_avg", "exp_avg_sq"]
-                if flags[self._group_of[name]].amsgrad:
-                    keys.append("max_exp_avg_sq")
-                s = {k: st[k] if k in st else torch.zeros_like(p) for k in keys}
+                s = {k: st[k] if k in st else self.rule.init(p, groups[i], k) for k in self.rule.state(flags[i])}
+                for key, initial in self.rule.counters:
+                    value = float(st[key]) if key in st else initial
+                    s[key] = torch.tensor(value, dtype=_scalar_dtype(False))
             s["step"] = self._shared_step(step)
             out[name] = s
         return out
@@ -195,7 +166,7 @@ class FunctionalOptimizer:
             step = counts.get(id(s["step"]))
             if step is None:
                 step = counts[id(s["step"])] = float(s["step"])
-            if step == 0:
+            if step == 0 and not self.rule.eager_state:
                 # never stepped (e.g. a restored snapshot): torch holds no state for it
                 self.optimizer.state.pop(p, None)
                 self._sgd_steps.pop(name, None)
@@ -247,8 +218,7 @@ class FunctionalOptimizer:
                 continue
             i = self._group_of[name]
             h = {k.split(".", 1)[1]: v for k, v in hyper.items() if k.startswith(f"{i}.")}
-            rule = _sgd_update if self.kind == "sgd" else _adam_update
-            new_params[name], new_state[name] = rule(param, grad, state[name], h, self._flags(i))
+            new_params[name], new_state[name] = self.rule.update(param, grad, state[name], h, self._flags(i))
         return new_params, new_state
 
 
@@ -257,12 +227,15 @@ def lower_optimizer(
 ) -> FunctionalOptimizer:
     """Lower a user's torch.optim optimizer to a :class:`FunctionalOptimizer`.
 
-    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are ignored: they
-    change how torch computes the step, not what it computes.
+    The update follows torch's single-tensor kernels (``foreach=False``); ``foreach``
+    is ignored (torch's foreach kernels compute the same formulas, possibly rounding
+    differently). For SGD, Adam and AdamW ``fused``, ``capturable`` and
+    ``differentiable`` are ignored too; the other classes refuse them (an error).
 
     Raises:
-        ProgramError: Unsupported optimizer class (the message lists the supported set)
-            or parameters that differ between ``optimizer`` and ``named_params``.
+        ProgramError: Unsupported optimizer class (the message lists the supported set),
+            a refused option (named, with the fix), or parameters that differ between
+            ``optimizer`` and ``named_params``.
     """
     return FunctionalOptimizer(optimizer, named_params)
 
@@ -291,67 +264,6 @@ def lower_optimizers(problems: Mapping[str, Any]) -> dict[str, FunctionalOptimiz
         except ProgramError as exc:
             raise ProgramError(f"problem {name!r}: {exc}") from None
     return out
-
-
-# Scalars are computed in float64 (torch's Python-float arithmetic), then cast to the
-# param dtype at the point of use, as torch casts a Python scalar argument; without the
-# cast, a 0-dim float32 param would be promoted to float64 by a 0-dim float64 scalar.
-
-
-def _sgd_update(
-    param: Tensor, grad: Tensor, st: dict[str, Tensor], h: dict[str, Tensor], f: _GroupFlags
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mirror ``torch.optim.sgd._single_tensor_sgd`` for one parameter."""
-    out = {"step": st["step"] + 1}
-    dt = param.dtype
-    if f.maximize:
-        grad = -grad
-    if f.weight_decay:
-        grad = torch.addcmul(grad, param, h["weight_decay"].to(dt))
-    if f.momentum:
-        m = h["momentum"].to(dt)
-        if f.dampening:
-            running = torch.addcmul(st["momentum_buffer"] * m, grad, (1 - h["dampening"]).to(dt))
-            first = (st["step"] == 0).to(param.device)
-            buf = torch.where(first, grad, running)  # torch: buf = grad on the first step
-        else:
-            # torch's first step sets buf = grad; read_state starts buf at zeros, and
-            # 0·m + grad == grad exactly, so no branch is needed without dampening
-            buf = st["momentum_buffer"] * m + grad
-        out["momentum_buffer"] = buf
-        grad = torch.addcmul(grad, buf, m) if f.nesterov else buf
-    return torch.addcmul(param, grad, (-h["lr"]).to(dt)), out
-
-
-def _adam_update(
-    param: Tensor, grad: Tensor, st: dict[str, Tensor], h: dict[str, Tensor], f: _GroupFlags
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mirror ``torch.optim.adam._single_tensor_adam`` (non-capturable) for one parameter."""
-    step = st["step"] + 1
-    lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
-    dt = param.dtype
-    if f.maximize:
-        grad = -grad
-    if f.weight_decay:
-        if f.decoupled:
-            param = param * (1 - lr * h["weight_decay"]).to(dt)
-        else:
-            grad = torch.addcmul(grad, param, h["weight_decay"].to(dt))
-    weight1 = (1 - beta1).to(dtype=dt, device=param.device)  # lerp: same dtype and device
-    exp_avg = torch.lerp(st["exp_avg"], grad, weight1)
-    exp_avg_sq = torch.addcmul(st["exp_avg_sq"] * beta2.to(dt), (1 - beta2).to(dt) * grad, grad)
-    out = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    step_size = lr / (1 - beta1**step)
-    bias_correction2 = 1 - beta2**step
-    # libm pow, like torch's Python `bias_correction2**0.5`; a scalar 0.5 exponent
-    # dispatches to sqrt, which differs in the last bit for some steps.
-    bias_correction2_sqrt = bias_correction2 ** torch.full_like(bias_correction2, 0.5)
-    second = exp_avg_sq
-    if f.amsgrad:
-        second = out["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], exp_avg_sq)
-    denom = second.sqrt() / bias_correction2_sqrt.to(dt) + h["eps"].to(dt)
-    # torch: param.addcdiv_(exp_avg, denom, value=-step_size) == param + (v * t1) / t2
-    return param + (-step_size).to(dt) * exp_avg / denom, out
 
 
 def _detached(t: Tensor) -> Tensor:
