@@ -26,6 +26,7 @@ from mlocompile.execution import StepRunner
 from mlocompile.functional import FunctionalProgram
 from mlocompile.monitor import EarlyStopping, MetricsLogger, ProgressBar
 from mlocompile.optim import StateDict, lower_optimizers
+from mlocompile.schedulers import check_schedulers, step_after_update, step_on_validation
 from mlocompile.problem import Problem, attach_problems
 from mlocompile.schedule import Schedule
 from mlocompile.transaction import Transaction
@@ -65,6 +66,8 @@ class Engine:
         self._checked = False
         self.fp = FunctionalProgram(self.program.problems)
         self.optimizers = lower_optimizers(self.program.problems)
+        distributed = self.config.strategy == "distributed"
+        check_schedulers(self.program.problems, self.is_implemented("validation"), self.config.early_stopping_metric, distributed)
         self.compiler = Compiler(self.fp, self.program, self.optimizers)
         opts = self.compile_options
         self.runner = StepRunner(self.program, self.fp, self.optimizers, self.compiler, opts, self.config.roll_back)
@@ -270,6 +273,7 @@ class Engine:
         stats = self.validation() or {}  # NOTE: grad mode as the user has it (Betty); MAML adapts here
         self.train()
         stats = {k: float(v) if isinstance(v, (Tensor, int, float)) else v for k, v in stats.items()}
+        step_on_validation(self.program.problems, stats, self.config.early_stopping_metric, f"at global step {self.global_step}")
         self._record({"tag": "validation", "step": self.global_step, **stats})
         log.info("[validation] step %d %s", self.global_step, stats)
         return self.config.early_stopping and self.early_stopping.update(stats)
@@ -280,8 +284,8 @@ class Engine:
         batch = problem.cur_batch = problem.get_batch()
         self.runner.record(name, batch)
         self._execute(name, batch, update)
-        if problem.scheduler is not None and not self.runner.runs[name].roll_back:
-            problem.scheduler.step()
+        if not self.runner.runs[name].roll_back:
+            step_after_update(problem)
 
     def _redo(self, name: str) -> bool:
         run, problem = self.runner.runs[name], self.program.problems[name]
@@ -289,8 +293,7 @@ class Engine:
             return False
         self.runner.restore(name, run.cache)
         self._execute(name, problem.cur_batch, True)
-        if problem.scheduler is not None:
-            problem.scheduler.step()
+        step_after_update(problem)
         return True
 
     def _execute(self, name: str, batch: Any, update: bool) -> None:
