@@ -26,9 +26,9 @@ from mlocompile.execution import StepRunner
 from mlocompile.functional import FunctionalProgram
 from mlocompile.monitor import EarlyStopping, MetricsLogger, ProgressBar
 from mlocompile.optim import StateDict, lower_optimizers
-from mlocompile.schedulers import check_schedulers, step_after_update, step_on_validation
 from mlocompile.problem import Problem, attach_problems
 from mlocompile.schedule import Schedule
+from mlocompile.schedulers import check_schedulers, step_after_update, step_on_validation
 from mlocompile.transaction import Transaction
 
 log = logging.getLogger("mlocompile")
@@ -67,7 +67,9 @@ class Engine:
         self.fp = FunctionalProgram(self.program.problems)
         self.optimizers = lower_optimizers(self.program.problems)
         distributed = self.config.strategy == "distributed"
-        check_schedulers(self.program.problems, self.is_implemented("validation"), self.config.early_stopping_metric, distributed)
+        check_schedulers(
+            self.program.problems, self.is_implemented("validation"), self.config.early_stopping_metric, distributed
+        )
         self.compiler = Compiler(self.fp, self.program, self.optimizers)
         opts = self.compile_options
         self.runner = StepRunner(self.program, self.fp, self.optimizers, self.compiler, opts, self.config.roll_back)
@@ -273,7 +275,9 @@ class Engine:
         stats = self.validation() or {}  # NOTE: grad mode as the user has it (Betty); MAML adapts here
         self.train()
         stats = {k: float(v) if isinstance(v, (Tensor, int, float)) else v for k, v in stats.items()}
-        step_on_validation(self.program.problems, stats, self.config.early_stopping_metric, f"at global step {self.global_step}")
+        step_on_validation(
+            self.program.problems, stats, self.config.early_stopping_metric, f"at global step {self.global_step}"
+        )
         self._record({"tag": "validation", "step": self.global_step, **stats})
         log.info("[validation] step %d %s", self.global_step, stats)
         return self.config.early_stopping and self.early_stopping.update(stats)

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 Flags = tuple[tuple[str, bool], ...]
-Update = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, bool]], tuple[Tensor, dict[str, Tensor]]]
+Update = Callable[
+    [Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, bool]], tuple[Tensor, dict[str, Tensor]]
+]
 
 # Options that change how torch computes a step (other kernels, other rounding): refused by
 # the rules that list them, so a run never silently computes something else.
@@ -302,7 +304,9 @@ register_optimizer(
         "RMSprop (centered, momentum, weight_decay, maximize)",
         lambda g: _plain_flags(g, centered=g["centered"], momentum=float(g["momentum"]) > 0),
         _pick("lr", "alpha", "eps", "weight_decay", "momentum"),
-        lambda f: ("square_avg",) + (("momentum_buffer",) if f["momentum"] else ()) + (("grad_avg",) if f["centered"] else ()),
+        lambda f: (
+            ("square_avg",) + (("momentum_buffer",) if f["momentum"] else ()) + (("grad_avg",) if f["centered"] else ())
+        ),
         _rmsprop_update,
         refused=("capturable", "differentiable"),
     ),
