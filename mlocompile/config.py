@@ -214,8 +214,10 @@ class EngineConfig:
         early_stopping_tolerance: Validations without improvement before stopping.
             Default: ``5``. Betty: same. Read by: validation, with ``early_stopping``.
         early_stopping_metric: The key of ``validation()``'s result that early stopping
-            watches; a missing key raises ProgramError at the first validation. Default:
-            ``"loss"``. Betty: same. Read by: validation, with ``early_stopping``.
+            watches, and that every ``ReduceLROnPlateau`` scheduler steps on; a missing key
+            raises ProgramError at the first validation. Default: ``"loss"``. Betty: same
+            (Betty has no metric for ``ReduceLROnPlateau``). Read by: validation, with
+            ``early_stopping`` or a ``ReduceLROnPlateau``.
         compile: The backend that runs every step: ``"eager"`` (the step functions run
             untraced), ``"fx"`` (traced aten-level GraphModules after the pass pipeline) or
             ``"inductor"`` (that graph compiled by inductor). Default: ``"fx"``. Betty: not

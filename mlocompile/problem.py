@@ -26,7 +26,11 @@ class Problem:
         config: how this problem trains and how its solution is differentiated.
         module: the ``nn.Module`` whose parameters this problem optimizes.
         optimizer: a ``torch.optim`` optimizer over ``module``'s parameters.
-        scheduler: an optional LR scheduler; stepped after every optimizer step.
+        scheduler: an optional ``torch.optim.lr_scheduler`` scheduler; stepped after every
+            optimizer step, except ``ReduceLROnPlateau``, which the engine steps after each
+            ``Engine.validation()`` with the value it returns under
+            ``EngineConfig.early_stopping_metric`` (default ``"loss"``); without a
+            ``validation()`` the engine refuses it (ProgramError).
         train_data_loader: any re-iterable of batches (a DataLoader, a list), or a
             tuple of them (the batch is then a tuple); restarts when exhausted.
         extra_config: free-form user configuration, kept as ``self.cfg`` (Betty).
