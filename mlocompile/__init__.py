@@ -87,6 +87,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "step",
             "schedule",
+            "compat",
             "viz",
             "cost",
             "passes.cast_for_amp",

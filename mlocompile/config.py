@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from dataclasses import dataclass
 
 from mlocompile.errors import ProgramError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("eager", "fx", "inductor")
-LOGGER_TYPES = ("none", "tensorboard")
+LOGGER_TYPES = ("none", "tensorboard", "wandb")
 STRATEGIES = ("default", "cpu", "gpu", "distributed")
+# Betty 0.2.1's strategies that are not implemented here, each with what to use instead
+UNSUPPORTED_STRATEGIES = {
+    "zero": "Betty's ZeroRedundancyOptimizer (optimizer state sharded across ranks)",
+    "fsdp": "Betty's FullyShardedDataParallel (parameters sharded across ranks)",
+    "accelerate": "Betty's HuggingFace Accelerate integration",
+}
 
 
 @dataclass
 class Config:
     """How one problem is trained and how its solution is differentiated.
 
-    Betty 0.2.1's fields keep their names, defaults and meanings (Betty's
-    ``darts_multitask`` and ``sama_*`` are not here); the fields it does not have say so.
+    Betty 0.2.1's fields keep their names, defaults and meanings (Betty's ``sama_*`` are
+    not here); a value whose meaning is not honoured raises ProgramError saying what to
+    use instead, and the fields Betty does not have say so.
     A hypergradient method reads its fields on the *lower* problem of an edge, the one
     whose solution it differentiates (``hypergrad.METHOD_RULES`` lists them per method).
     ``docs/settings.md`` is generated from the entries below
@@ -36,15 +44,31 @@ class Config:
             uppers step; ``itd`` differentiates through all of them. Default: ``1``.
             Betty: same. Read by: the schedule (every method and backend); ``itd`` replays
             that many steps.
-        first_order: Accepted and not read. Default: ``True``. Betty: ``create_graph`` of
-            the backward is ``not first_order``, and it gates the best-response terms.
-            Read by: nothing; every method differentiates what its formula needs.
-        retain_graph: Accepted and not read: a step is one pure function, with no autograd
-            graph kept between calls. Default: ``False``. Betty: ``retain_graph`` of its
-            backward. Read by: nothing.
-        allow_unused: Accepted and not read: a parameter the loss does not use gets a zero
-            gradient (``torch.func``), as Betty's ``allow_unused=True`` gives. Default:
-            ``True``. Betty: ``allow_unused`` of its backward. Read by: nothing.
+        first_order: Must stay ``True`` on a problem that has a lower problem; ``False``
+            raises ProgramError at Engine construction (on a problem without lowers Betty
+            reads it nowhere, so it is accepted there). Default: ``True``. Betty: set on an
+            upper, ``False`` drops that upper's hypergradient when its lowers are
+            ``ImplicitProblem`` (only its direct gradient is applied: tested against Betty)
+            and differentiates through their unroll when they are ``IterativeProblem``;
+            here ``Config(type="itd")`` on the lower is the latter, and removing the
+            upper's u2l edges the former. Read by: the engine's check of Betty settings
+            (``compat``).
+        retain_graph: Accepted, either value: a step is one pure function and keeps no
+            autograd graph between calls. In Betty it only decides whether the loss graph
+            survives the direct backward (``False`` can fail there with "backward through
+            the graph a second time"); where Betty runs, both values give the same numbers,
+            and so do they here (tested against Betty). Default: ``False``. Betty:
+            ``retain_graph`` of its backward. Read by: nothing.
+        allow_unused: ``False`` raises ProgramError before the first step when a
+            trainable parameter of this problem does not reach its loss and the problem
+            computes its gradient with ``autograd.grad`` in Betty (it has hypergradient
+            paths, or ``gradient_accumulation > 1``), where Betty raises at the first
+            step. ``True``: an unused parameter gets a zero gradient (Betty: none); an
+            update with a zero gradient moves nothing, except through weight decay, so an
+            unused parameter under nonzero ``weight_decay`` in a problem without
+            hypergradient paths raises ProgramError (Betty leaves it untouched).
+            Default: ``True``. Betty: ``allow_unused`` of its backward. Read by: the
+            engine's check of the program (every backend).
         gradient_accumulation: Local steps whose gradients are summed (each loss divided by
             it) before one optimizer update; an unroll window is ``unroll_steps *
             gradient_accumulation`` local steps. Default: ``1``. Betty: same. Read by: the
@@ -75,11 +99,17 @@ class Config:
             returns) every ``log_step`` local steps; <= 0 uses ``EngineConfig.log_every``.
             Default: ``-1``. Betty: same, but <= 0 never logs. Read by: the engine's
             logging.
-        log_local_step: Accepted and not read: every record holds both ``step`` (global)
-            and ``local_step``. Default: ``False``. Betty: logs at the local step instead of
-            the global one. Read by: nothing.
+        log_local_step: TensorBoard and wandb plot this problem's records against its
+            local step instead of the global one (every record in ``metrics.jsonl`` and
+            ``Engine.history`` holds both ``step`` and ``local_step``). Default: ``False``.
+            Betty: same. Read by: the engine's metric files (``logger_type``
+            ``"tensorboard"`` and ``"wandb"``).
         darts_alpha: darts' step: the gradients are taken at ``w ± εv`` with ``ε =
             darts_alpha / ‖v‖``. Default: ``0.01``. Betty: same. Read by: ``darts``.
+        darts_multitask: Must be ``False``; ``True`` raises ProgramError. Default:
+            ``False``. Betty: ``True`` leaves this problem's parameters at ``w − εv`` after
+            each darts product instead of restoring ``w``. Read by: the check of this
+            ``Config``.
         neumann_iterations: Terms K of the Neumann series ``α Σ_{j<=K} (I − αH)^j v``.
             Default: ``1``. Betty: same. Read by: ``neumann``.
         neumann_alpha: α in the Neumann series; it converges when ``αH`` has its spectrum in
@@ -114,6 +144,7 @@ class Config:
     log_step: int = -1
     log_local_step: bool = False
     darts_alpha: float = 0.01
+    darts_multitask: bool = False
     neumann_iterations: int = 1
     neumann_alpha: float = 1.0
     cg_iterations: int = 1
@@ -146,6 +177,12 @@ class Config:
         for name in ("darts_alpha", "neumann_alpha", "cg_alpha"):
             value = getattr(self, name)
             _require(where, name, value, _is_finite(value, 0.0) and value > 0, "a finite number > 0")
+        if self.darts_multitask is not False:
+            raise ProgramError(
+                f"{where}: darts_multitask={self.darts_multitask!r} is not implemented (in Betty it leaves the "
+                "lower problem's parameters at w - eps*v after each darts product instead of restoring w); "
+                "leave darts_multitask=False"
+            )
         if self.precision == "fp16" and (self.initial_dynamic_scale <= 0 or self.scale_factor <= 1):
             raise ProgramError(
                 f"{where}: precision='fp16' needs dynamic loss scaling: initial_dynamic_scale > 0 and "
@@ -176,9 +213,10 @@ def _one_of(where: str, name: str, value: object, allowed: tuple[str, ...]) -> N
 class EngineConfig:
     """How the whole program runs: schedule, validation, compilation, outputs.
 
-    Betty 0.2.1's fields keep their names and meanings (Betty's ``strategy`` values
-    ``"zero"``, ``"fsdp"`` and ``"accelerate"`` and ``logger_type="wandb"`` are not here);
-    the fields it does not have say so. ``docs/settings.md`` is generated from the entries
+    Betty 0.2.1's fields keep their names and meanings; a value whose meaning is not
+    honoured (Betty's ``strategy`` values ``"zero"``, ``"fsdp"`` and ``"accelerate"``)
+    raises ProgramError saying what to use instead, and the fields Betty does not have
+    say so. ``docs/settings.md`` is generated from the entries
     below (``python scripts/settings_doc.py``).
 
     Attributes:
@@ -188,11 +226,14 @@ class EngineConfig:
         valid_step: Call the engine's ``validation()`` every ``valid_step`` global steps,
             when the Engine subclass defines one. Default: ``500``. Betty: same. Read by:
             ``Engine.run``.
-        logger_type: ``"none"`` or ``"tensorboard"``: also write every record as TensorBoard
-            scalars (``<tag>/<metric>``) into ``output_dir``; needs ``pip install
-            tensorboard`` and is checked at construction. Default: ``"none"``. Betty: also
-            ``"wandb"``; a missing TensorBoard falls back to ``"none"`` there, here it is an
-            error. Read by: the engine's metric files (only with ``output_dir``).
+        logger_type: ``"none"``, ``"tensorboard"`` (also write every record as TensorBoard
+            scalars ``<tag>/<metric>`` into ``output_dir``) or ``"wandb"`` (also start a
+            wandb run, files in ``output_dir``, and log every record to it as
+            ``<tag>/<metric>`` with a ``global_step`` key); either needs ``output_dir`` and
+            its package installed (``pip install tensorboard`` / ``wandb``), checked at
+            construction. Default: ``"none"``. Betty: same values; Betty falls back to
+            ``"none"`` when the package is missing and never starts its wandb run (its
+            ``wandb.init`` is never called). Read by: the engine's metric files.
         roll_back: A problem with an upper caches its state before each step and, once its
             uppers have stepped, redoes that step from the cache against their new
             parameters. Default: ``False``. Betty: same. Read by: the schedule and the step
@@ -202,10 +243,14 @@ class EngineConfig:
             default ``"nccl"``. Read by: ``strategy="distributed"`` only.
         strategy: ``"distributed"`` runs data-parallel on ``torch.distributed``, set up from
             torchrun's environment (see the README); ``"default"``, ``"cpu"`` and ``"gpu"``
-            run in this process wherever the modules and batches are (nothing is moved).
-            Default: ``"default"``. Betty: same names; Betty moves modules to the device for
-            ``"cpu"``/``"gpu"``. Read by: the engine's distributed setup (``mlocompile run
-            --nproc`` sets it).
+            run in this process wherever the modules and batches are (nothing is moved):
+            ``"cpu"`` and ``"gpu"`` raise ProgramError at construction unless every
+            module's parameters and buffers already are on the CPU / a CUDA device.
+            ``"zero"``, ``"fsdp"`` and ``"accelerate"`` raise ProgramError (use
+            ``"distributed"``). Default: ``"default"``. Betty: same names; Betty moves
+            modules and batches to the device (``"default"``: CUDA when available).
+            Read by: the engine's distributed setup and its Betty-settings check
+            (``mlocompile run --nproc`` sets it).
         early_stopping: Stop ``Engine.run`` once ``early_stopping_metric`` has not improved
             for ``early_stopping_tolerance`` validations in a row. Default: ``False``.
             Betty: same (Betty's raises on an undefined name). Read by: validation.
@@ -287,6 +332,12 @@ class EngineConfig:
         where = "EngineConfig"
         _one_of(where, "compile", self.compile, COMPILE_MODES)
         _one_of(where, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
+        if self.strategy in UNSUPPORTED_STRATEGIES:
+            raise ProgramError(
+                f"EngineConfig: strategy={self.strategy!r} ({UNSUPPORTED_STRATEGIES[self.strategy]}) is not "
+                "implemented; use strategy='distributed' (data-parallel, parameters and optimizer state replicated "
+                "on every rank; launch with torchrun) or 'default' (one process)"
+            )
         _one_of(where, "strategy", self.strategy, STRATEGIES)
         _one_of(where, "logger_type", self.logger_type, LOGGER_TYPES)
         for name, low in (("train_iters", 0), ("valid_step", 1), ("early_stopping_tolerance", 1)):
@@ -305,8 +356,22 @@ class EngineConfig:
                 f"EngineConfig.memory_budget={self.memory_budget!r}; memory_budget must be > 0: bytes, or a "
                 "fraction (<= 1) of the estimated peak"
             )
-        if self.logger_type == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        packages = {"tensorboard": "TensorBoard", "wandb": "wandb (Weights & Biases)"}
+        if self.logger_type in packages and not _installed(self.logger_type):
             raise ProgramError(
-                "EngineConfig.logger_type='tensorboard' needs TensorBoard, which is not installed: "
-                "pip install tensorboard (or use logger_type='none'; metrics still go to output_dir)"
+                f"EngineConfig.logger_type={self.logger_type!r} needs {packages[self.logger_type]}, which is not "
+                f"installed: pip install {self.logger_type} (or use logger_type='none'; metrics still go to "
+                "output_dir)"
             )
+        if self.logger_type != "none" and not self.output_dir:
+            raise ProgramError(
+                f"EngineConfig.logger_type={self.logger_type!r} needs output_dir (its files go there, next to "
+                "metrics.jsonl); set EngineConfig(output_dir='runs/NAME'), or use logger_type='none'"
+            )
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (without importing it: wandb's import takes seconds)."""
+    if package in sys.modules:  # NOTE: also a module put there by hand, whose __spec__ may be None
+        return True
+    return importlib.util.find_spec(package) is not None

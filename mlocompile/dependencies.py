@@ -1,7 +1,7 @@
 """Dependencies from use: which problems each loss calls, edges inferred from levels, and checks.
 
 A problem's loss *uses* another problem when that problem's parameters reach the
-loss: found by tracing the loss forward (``trace.find_loss_uses``), or under
+loss: found by tracing the loss forward (``trace.find_used_parameters``), or under
 ``compile="eager"`` by running it for real and recording which parameters reach
 torch functions (``FunctionalProgram.find_uses``), so ``.item()`` and Python
 control flow on values work there.
@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import passes
+from mlocompile.compat import check_unused_parameters
 from mlocompile.errors import ProgramError
 from mlocompile.functional import FunctionalProgram
 from mlocompile.problem import Problem
 from mlocompile.program import ProgramGraph, build_program
-from mlocompile.trace import find_loss_uses
+from mlocompile.trace import find_used_parameters
 
 
 def declared_levels(problems: Sequence[Problem]) -> dict[str, int]:
@@ -26,8 +27,8 @@ def declared_levels(problems: Sequence[Problem]) -> dict[str, int]:
     return {p.name: int(p.__dict__["level"]) for p in problems if p.__dict__.get("level") is not None}
 
 
-def find_all_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[str]]:
-    """Evaluate every problem's loss once and return, per problem, the other problems it uses.
+def find_parameter_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[tuple[str, str]]]:
+    """Evaluate every problem's loss once; return, per problem, the (problem, parameter) pairs it reads.
 
     The loss is traced (forward only), or with ``eager`` (``compile="eager"``) run for real
     while recording which tensors reach torch functions, so a loss with ``.item()`` or
@@ -36,8 +37,18 @@ def find_all_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str,
     by_name = {p.name: p for p in problems}
     fp = FunctionalProgram(by_name)
     params, buffers = fp.read_params(), fp.read_buffers()
-    find = fp.find_uses if eager else lambda *a: find_loss_uses(fp, *a)
-    return {n: find(n, params, buffers, p.peek_batch()) - {n} for n, p in by_name.items()}
+    find = fp.find_uses if eager else lambda *a: find_used_parameters(fp, *a)
+    return {n: find(n, params, buffers, p.peek_batch()) for n, p in by_name.items()}
+
+
+def problem_uses(parameter_uses: dict[str, set[tuple[str, str]]]) -> dict[str, set[str]]:
+    """Per problem, the other problems whose parameters its loss reads."""
+    return {n: {p for p, _ in used} - {n} for n, used in parameter_uses.items()}
+
+
+def find_all_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[str]]:
+    """Evaluate every problem's loss once and return, per problem, the other problems it uses."""
+    return problem_uses(find_parameter_uses(problems, eager))
 
 
 def infer_dependencies(problems: Sequence[Problem], eager: bool = False) -> dict[str, dict[str, list[str]]]:
@@ -122,10 +133,13 @@ def plan_program(problems: Sequence[Problem], dependencies: Any, eager: bool) ->
 def check_program(program: ProgramGraph, problems: Sequence[Problem], eager: bool, warn_undeclared: bool) -> None:
     """Evaluate every loss once and check the declared edges against what the losses use.
 
-    With ``warn_undeclared`` (explicit dependencies), uses without an edge warn.
+    With ``warn_undeclared`` (explicit dependencies), uses without an edge warn. A
+    trainable parameter its own loss never reads is checked against ``allow_unused``.
     """
-    uses = find_all_uses(problems, eager=eager)
+    parameter_uses = find_parameter_uses(problems, eager=eager)
+    uses = problem_uses(parameter_uses)
     if warn_undeclared:
         declared = {(u, v) for kind in ("u2l", "l2u") for u, v in program.edges(kind)}
         warn_undeclared_uses(uses, declared)
     check_uses(program, uses)
+    check_unused_parameters(program, parameter_uses)  # Config.allow_unused, as Betty's autograd.grad

@@ -16,7 +16,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from mlocompile import checkpoint, distributed
+from mlocompile import checkpoint, compat, distributed
 from mlocompile.compiled import CompiledProgram
 from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.config import EngineConfig
@@ -60,6 +60,7 @@ class Engine:
         attach_problems(self.problems, self)
         self._warn_undeclared = dependencies is not None
         self.dependencies, self.program = plan_program(self.problems, dependencies, self.config.compile == "eager")
+        compat.check_betty_settings(self, Engine, self.program, self.config.strategy)
         self.rank, self.world_size = 0, 1
         self._dist_ready = False
         self.global_step = 0
@@ -215,9 +216,14 @@ class Engine:
         if self._metrics is None and self.config.output_dir and self.rank == 0:
             if self.run_id is None:
                 self.run_id = uuid.uuid4().hex  # NOTE: from os.urandom, not from the random streams a run uses
-            tensorboard = self.config.logger_type == "tensorboard"
+            local = frozenset(n for n, p in self.program.problems.items() if p.config.log_local_step)
             self._metrics = MetricsLogger.for_run(
-                self.config.output_dir, self.run_id, self.history, tensorboard, keep=self._history_dropped
+                self.config.output_dir,
+                self.run_id,
+                self.history,
+                self.config.logger_type,
+                keep=self._history_dropped,
+                local_step_tags=local,
             )
         return self._metrics
 

@@ -161,11 +161,12 @@ class FunctionalProgram:
             }
         return {n: dict(b) for n, b in self._buffers.items()}
 
-    def find_uses(self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any) -> set[str]:
-        """Run problem ``name``'s loss eagerly (no grad, randomness restored); return the problems
-        whose parameters reached a torch function. Checks the loss is a scalar, as tracing does."""
-        owner = {id(t): prob for prob, tensors in params.items() for t in tensors.values()}
-        seen: set[str] = set()
+    def find_uses(self, name: str, params: ProgramParams, buffers: ProgramParams, batch: Any) -> set[tuple[str, str]]:
+        """Run problem ``name``'s loss eagerly (no grad, randomness restored); return the (problem,
+        parameter name) pairs whose tensors reached a torch function. Checks the loss is a scalar,
+        as tracing does."""
+        owner = {id(t): (prob, key) for prob, tensors in params.items() for key, t in tensors.items()}
+        seen: set[tuple[str, str]] = set()
 
         class Record(torch.overrides.TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]

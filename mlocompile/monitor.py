@@ -1,4 +1,4 @@
-"""Watching a run: a terminal progress bar, metric files (JSONL, CSV, TensorBoard), early stopping."""
+"""Watching a run: a terminal progress bar, metric files (JSONL, CSV, TensorBoard, wandb), early stopping."""
 
 from __future__ import annotations
 
@@ -152,13 +152,22 @@ class EarlyStopping:
 class MetricsLogger:
     """Appends every record to ``metrics.jsonl`` and ``metrics.csv`` (long format) in a folder.
 
-    With ``tensorboard=True`` and TensorBoard installed, scalars also go to a
-    SummaryWriter in the same folder.
+    ``logger_type="tensorboard"`` also writes the scalars with a SummaryWriter in the same
+    folder; ``"wandb"`` starts a wandb run (its files in the folder, ``wandb_config`` as
+    its config) and logs each record to it. Records whose tag is in ``local_step_tags``
+    (``Config.log_local_step``) are plotted there against their ``local_step``.
     """
 
-    def __init__(self, directory: str, tensorboard: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str,
+        logger_type: str = "none",
+        local_step_tags: frozenset[str] = frozenset(),
+        wandb_config: dict[str, Any] | None = None,
+    ) -> None:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
+        self.local_step_tags = local_step_tags
         self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
         csv_path = os.path.join(directory, "metrics.csv")
         new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
@@ -167,23 +176,38 @@ class MetricsLogger:
         if new:
             self._csv.writerow(["step", "tag", "key", "value"])
         self._tb: Any = None
-        if tensorboard:
+        self._wandb: Any = None
+        if logger_type == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # tensorboard missing
                 raise ImportError("logger_type='tensorboard' needs `pip install tensorboard`") from exc
             self._tb = SummaryWriter(directory)
+        elif logger_type == "wandb":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ImportError("logger_type='wandb' needs `pip install wandb`") from exc
+            # NOTE: Betty 0.2.1 defines its wandb.init inside a nested function it never calls
+            self._wandb = wandb.init(dir=directory, config=dict(wandb_config or {}))
 
     @classmethod
     def for_run(
-        cls, folder: str, run_id: str, history: list[dict[str, Any]], tensorboard: bool, keep: int = 0
+        cls,
+        folder: str,
+        run_id: str,
+        history: list[dict[str, Any]],
+        logger_type: str = "none",
+        keep: int = 0,
+        local_step_tags: frozenset[str] = frozenset(),
     ) -> MetricsLogger:
         """Open ``folder``'s metric files for run ``run_id``, never interleaving another run's.
 
         A folder with no metrics, or with this run's (a resumed run, a second ``run()``)
         is (re)written: its first ``keep`` records (older than ``history``), then
         ``history``; so records a killed process wrote after its last checkpoint are
-        dropped. TensorBoard event files are only appended to.
+        dropped. TensorBoard event files are only appended to; a wandb run is new each
+        time (its config names ``run_id``) and gets the whole history.
 
         Raises:
             ProgramError: the folder holds another run's metrics (nothing is changed then).
@@ -212,7 +236,7 @@ class MetricsLogger:
         with open(marker + ".tmp", "w", encoding="utf-8") as fh:
             json.dump({"run_id": run_id}, fh)
         os.replace(marker + ".tmp", marker)
-        logger = cls(folder, tensorboard=tensorboard)
+        logger = cls(folder, logger_type, local_step_tags, {"mlocompile_run_id": run_id})
         for record in [*older, *history]:
             logger.log(record)
         return logger
@@ -221,15 +245,24 @@ class MetricsLogger:
         """Write one record: ``{"tag": ..., "step": ..., <metric>: <number>, ...}``."""
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        x = record["step"]
+        if record["tag"] in self.local_step_tags and "local_step" in record:
+            x = record["local_step"]  # Config.log_local_step (Betty's)
+        scalars = {}
         for key, value in record.items():
             if key in ("tag", "step") or not isinstance(value, (int, float)):
                 continue
             self._csv.writerow([record["step"], record["tag"], key, value])
+            scalars[f"{record['tag']}/{key}"] = value
             if self._tb is not None:
-                self._tb.add_scalar(f"{record['tag']}/{key}", value, record["step"])
+                self._tb.add_scalar(f"{record['tag']}/{key}", value, x)
         self._csv_file.flush()
         if self._tb is not None:
             self._tb.flush()  # as the files: a record is on disk once logged (the engine never closes us)
+        if self._wandb is not None and scalars:
+            # NOTE: as Betty, the x-axis is a "global_step" key: wandb's own step must only grow,
+            # and records of several problems (or their local steps) interleave
+            self._wandb.log({**scalars, "global_step": x})
 
     def close(self) -> None:
         """Close the files."""
@@ -237,6 +270,8 @@ class MetricsLogger:
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(directory: str) -> list[dict[str, Any]]:

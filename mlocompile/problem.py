@@ -185,9 +185,9 @@ class Problem:
             try:
                 batch = next(self._iterators[i])
             except StopIteration:
-                self.epoch_counter[i] += 1
                 if i == 0 and self.is_implemented("epoch_callback"):
-                    self.epoch_callback()  # type: ignore[attr-defined]
+                    self.epoch_callback()  # type: ignore[attr-defined]  # NOTE: before the count moves (Betty)
+                self.epoch_counter[i] += 1
                 # NOTE: the RNG state at iterator creation fixes a shuffled loader's order,
                 # which is what lets a checkpoint restore the exact data position
                 self._iter_rng[i], self._consumed[i] = torch.get_rng_state(), 0

@@ -251,11 +251,13 @@ def _trace_symbolic(
     return gm, fakes
 
 
-def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str, Any], batch: Any) -> set[str]:
-    """Return the problems whose parameters problem ``name``'s loss actually reads.
+def find_used_parameters(
+    fp: Any, name: str, params: dict[str, Any], buffers: dict[str, Any], batch: Any
+) -> set[tuple[str, str]]:
+    """Return the (problem, parameter name) pairs whose tensors problem ``name``'s loss reads.
 
-    The loss alone is traced (forward only); a problem counts as used when one of
-    its parameter inputs has a user in the graph. Also checks the loss is a scalar.
+    The loss alone is traced (forward only); a parameter counts as used when its input
+    has a user in the graph. Also checks the loss is a scalar.
     """
     names = [(p, k) for p, tensors in params.items() for k in tensors]
 
@@ -279,7 +281,7 @@ def find_loss_uses(fp: Any, name: str, params: dict[str, Any], buffers: dict[str
     finally:
         torch.set_rng_state(rng)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return {p for (p, _), node in zip(names, placeholders) if node.users}
+    return {pk for pk, node in zip(names, placeholders) if node.users}
 
 
 def _value_read_advice(exc: BaseException) -> str:

@@ -47,8 +47,9 @@ BAD_ENGINE_CONFIG = [
     ("dist_timeout_s", 0, "a number of seconds > 0"),
     ("memory_budget", -1.0, "memory_budget must be > 0"),
     ("memory_budget", float("nan"), "memory_budget must be > 0"),
-    ("logger_type", "wandb", "use one of ['none', 'tensorboard']"),
-    ("strategy", "fsdp", "use one of ['default', 'cpu', 'gpu', 'distributed']"),
+    ("logger_type", "wandb-ish", "use one of ['none', 'tensorboard', 'wandb']"),
+    ("strategy", "fsdp", "is not implemented; use strategy='distributed'"),
+    ("strategy", "tpu", "use one of ['default', 'cpu', 'gpu', 'distributed']"),
     ("compile", "jit", "use one of ['eager', 'fx', 'inductor']"),
     ("early_stopping_mode", "best", "use one of ['min', 'max']"),
 ]
