@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 pytest.importorskip("betty")
@@ -24,10 +23,6 @@ import betty.configs  # noqa: E402
 import betty.engine  # noqa: E402
 from betty.problems import ImplicitProblem as BettyProblem  # noqa: E402
 from betty.problems import Problem as BettyBaseProblem  # noqa: E402
-
-import mlocompile as mlo  # noqa: E402
-from mlocompile import compat  # noqa: E402
-from programs import mwn_engine  # noqa: E402
 from test_betty_parity import (  # noqa: E402
     BETTY,
     OURS,
@@ -39,6 +34,10 @@ from test_betty_parity import (  # noqa: E402
     mwn_program,
     run_program,
 )
+
+import mlocompile as mlo  # noqa: E402
+from mlocompile import compat  # noqa: E402
+from programs import mwn_engine  # noqa: E402
 
 pytestmark = pytest.mark.betty
 EXACT = 1e-10  # max |mlocompile - Betty| over every parameter
@@ -338,7 +337,7 @@ def test_refused_problem_hook_is_an_error_at_build(hook):
     program = _program_with(hook, lambda self, *a, **k: None)
     with pytest.raises(mlo.ProgramError) as err:
         run_program(OURS, program, {"progress": False})
-    assert f"problem 'inner' " in str(err.value) and f"defines {hook}(), which is not supported" in str(err.value)
+    assert "problem 'inner' " in str(err.value) and f"defines {hook}(), which is not supported" in str(err.value)
     assert compat.REFUSED_PROBLEM_HOOKS[hook] in str(err.value)
 
 
@@ -496,8 +495,9 @@ def test_configure_hooks_build_the_problem_as_in_betty():
             config=lib.EngineConfig(train_iters=20, valid_step=10**9, **extra),
         )
         engine.run()
-        out[lib.name] = {n: {k: v.detach().clone() for k, v in p.module.named_parameters()} for n, p in problems.items()}
+        out[lib.name] = {
+            n: {k: v.detach().clone() for k, v in p.module.named_parameters()} for n, p in problems.items()
+        }
         assert problems["inner"].scheduler.get_last_lr() == [0.1 * 0.5**4]  # 20 steps, halved every 5
     assert moved(program, out["betty"])
     assert max_diff(out["mlocompile"], out["betty"]) <= EXACT
-
