@@ -372,6 +372,7 @@ class EngineConfig:
 
 def _installed(package: str) -> bool:
     """Whether ``package`` can be imported (without importing it: wandb's import takes seconds)."""
-    if package in sys.modules:  # NOTE: also a module put there by hand, whose __spec__ may be None
-        return True
-    return importlib.util.find_spec(package) is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # NOTE: in sys.modules without a __spec__ (a module put there by hand): importable
+        return package in sys.modules

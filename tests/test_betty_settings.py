@@ -92,6 +92,47 @@ def test_every_betty_field_is_here_with_its_default_and_documented(ours, theirs)
         assert f"        {field.name}: " in ours.__doc__, f"{field.name} has no Attributes entry"
 
 
+# where each Betty field is checked (here unless another file is named)
+WHERE_TESTED = {
+    "type": "test_betty_parity (darts, neumann, cg); 'reinforce' refused: REFUSED_VALUES",
+    "unroll_steps": "test_betty_parity (darts_unroll2)",
+    "first_order": "test_first_order_*",
+    "retain_graph": "HONOURED, test_retain_graph_changes_nothing_here",
+    "allow_unused": "HONOURED, test_allow_unused_*, test_an_unused_parameter_*",
+    "gradient_accumulation": "test_betty_parity (darts_accumulate2)",
+    "gradient_clipping": "test_betty_parity (darts_clip)",
+    "precision": "test_amp (Betty's fp16 needs CUDA; its bf16 autocasts CUDA only)",
+    "initial_dynamic_scale": "test_amp",
+    "scale_factor": "test_amp",
+    "warmup_steps": "test_betty_parity (darts_warmup3)",
+    "log_step": "HONOURED (log_local_step case), test_engine",
+    "log_local_step": "HONOURED, test_wandb_*, test_log_local_step_*",
+    "darts_alpha": "test_betty_parity, test_hypergrad",
+    "darts_multitask": "HONOURED (False), REFUSED_VALUES (True)",
+    "neumann_iterations": "test_betty_parity (neumann)",
+    "neumann_alpha": "test_betty_parity (neumann)",
+    "cg_iterations": "test_betty_parity (cg)",
+    "cg_alpha": "test_betty_parity (cg), test_hypergrad",
+    "train_iters": "test_train_iters_and_valid_step_*",
+    "valid_step": "test_train_iters_and_valid_step_*",
+    "logger_type": "REFUSED_VALUES, test_wandb_*, test_monitor (tensorboard)",
+    "roll_back": "HONOURED, test_betty_parity",
+    "backend": "HONOURED (not read outside 'distributed'), test_distributed",
+    "strategy": "HONOURED (cpu), REFUSED_VALUES, test_strategy_*, test_distributed",
+    "early_stopping": "test_early_stopping_*",
+    "early_stopping_mode": "test_early_stopping_*",
+    "early_stopping_tolerance": "test_early_stopping_*",
+    "early_stopping_metric": "test_early_stopping_* (its default 'loss'), test_engine",
+}
+
+
+def test_every_betty_field_has_a_test():
+    betty_fields = {
+        f.name for cls in (betty.configs.Config, betty.configs.EngineConfig) for f in dataclasses.fields(cls)
+    }
+    assert set(WHERE_TESTED) == betty_fields - NOT_HERE
+
+
 # -- first_order ------------------------------------------------------------------------------------
 class HPOOuterWithPrior:
     """The HPO upper loss plus a direct term in the upper's own parameters (so it has a direct gradient)."""
@@ -217,6 +258,7 @@ REFUSED_VALUES = [
     ("engine", "strategy", "accelerate", "strategy='accelerate'", "use strategy='distributed'"),
     ("engine", "logger_type", "tensorboard", "logger_type='tensorboard' needs output_dir", "output_dir="),
     ("engine", "logger_type", "wandb", "logger_type='wandb' needs output_dir", "output_dir="),
+    ("config", "type", "reinforce", "type='reinforce' is not a hypergradient method", "use one of ['darts'"),
 ]
 
 
@@ -501,3 +543,46 @@ def test_configure_hooks_build_the_problem_as_in_betty():
         assert problems["inner"].scheduler.get_last_lr() == [0.1 * 0.5**4]  # 20 steps, halved every 5
     assert moved(program, out["betty"])
     assert max_diff(out["mlocompile"], out["betty"]) <= EXACT
+
+
+# -- the engine's schedule fields: train_iters, valid_step, early_stopping* ----------------------------
+def _validating(lib: Any, program: Program, engine_config: dict[str, Any], scores: list[float]) -> list[int]:
+    """Run ``program`` with an Engine whose validation() returns ``scores`` in turn; return its steps."""
+    steps: list[int] = []
+
+    def validation(self: Any) -> dict[str, float]:
+        steps.append(self.global_step)
+        return {"loss": scores[len(steps) - 1]}
+
+    # NOTE: run_program fixes valid_step (no validation); these settings override its own
+    config_cls = lib.EngineConfig
+    validating = types.SimpleNamespace(
+        **{
+            **vars(lib),
+            "Engine": type("Validating", (lib.Engine,), {"validation": validation}),
+            "EngineConfig": lambda **kw: config_cls(**{**kw, **engine_config}),
+        }
+    )
+    run_program(validating, program, {})
+    return steps
+
+
+def test_train_iters_and_valid_step_validate_at_betty_steps():
+    program = mwn_program({"type": "darts", "unroll_steps": 2})
+    config = {"valid_step": 3}  # run_program: train_iters=20
+    ref = _validating(BETTY, program, {"strategy": "cpu", **config}, [1.0] * 10)
+    ours = _validating(OURS, program, {"progress": False, **config}, [1.0] * 10)
+    assert ours == ref == [3, 6, 9, 12, 15, 18]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_early_stopping_stops_after_tolerance_validations_without_improvement(mode):
+    # Betty 0.2.1's EarlyStopping reads an undefined self.patience at its first call, so the
+    # reference is the rule itself: the best score is 3rd of 7, tolerance 2 -> stop at the 5th
+    program = mwn_program({"type": "darts"})
+    config = {"valid_step": 2, "early_stopping": True, "early_stopping_tolerance": 2, "early_stopping_mode": mode}
+    scores = [3.0, 2.0, 1.0, 1.5, 1.0, 0.5, 0.1]
+    scores = scores if mode == "min" else [-s for s in scores]
+    with pytest.raises(AttributeError, match="patience"):
+        _validating(BETTY, program, {"strategy": "cpu", **config}, scores)
+    assert _validating(OURS, program, {"progress": False, **config}, scores) == [2, 4, 6, 8, 10]
