@@ -25,9 +25,9 @@ UNSUPPORTED_STRATEGIES = {
 class Config:
     """How one problem is trained and how its solution is differentiated.
 
-    Betty 0.2.1's fields keep their names, defaults and meanings (Betty's ``sama_*`` are
-    not here); a value whose meaning is not honoured raises ProgramError saying what to
-    use instead, and the fields Betty does not have say so.
+    Betty 0.2.1's fields keep their names, defaults and meanings; a value whose meaning
+    is not honoured raises ProgramError saying what to use instead, and the fields Betty
+    does not have say so.
     A hypergradient method reads its fields on the *lower* problem of an edge, the one
     whose solution it differentiates (``hypergrad.METHOD_RULES`` lists them per method).
     ``docs/settings.md`` is generated from the entries below
@@ -36,7 +36,8 @@ class Config:
     Attributes:
         type: How this problem's solution is differentiated when an upper problem's
             hypergradient passes through it: ``"darts"`` (finite differences of gradients,
-            Hessian inverse taken as the identity), ``"neumann"`` (Neumann series), ``"cg"``
+            Hessian inverse taken as the identity), ``"sama"`` (darts on a vector scaled by
+            this problem's Adam state), ``"neumann"`` (Neumann series), ``"cg"``
             (conjugate gradient) or ``"itd"`` (reverse mode through the last
             ``unroll_steps`` updates). Default: ``"darts"``. Betty: same; Betty's ``itd`` is
             its ``IterativeProblem``. Read by: every backend, on problems that have an upper.
@@ -110,6 +111,13 @@ class Config:
             ``False``. Betty: ``True`` leaves this problem's parameters at ``w − εv`` after
             each darts product instead of restoring ``w``. Read by: the check of this
             ``Config``.
+        sama_adam_alpha: sama's step: the gradients are taken at ``w ± εu`` with ``u`` the
+            preconditioned vector and ``ε = sama_adam_alpha / ‖u‖``. Default: ``1.0``.
+            Betty: same. Read by: ``sama``.
+        sama_multitask: Must stay False: True raises ProgramError. Default: ``False``.
+            Betty: True leaves this problem's parameters at ``w − εu`` after each
+            hypergradient instead of restoring them (averaged across ranks when
+            distributed). Read by: ``sama`` (the check).
         neumann_iterations: Terms K of the Neumann series ``α Σ_{j<=K} (I − αH)^j v``.
             Default: ``1``. Betty: same. Read by: ``neumann``.
         neumann_alpha: α in the Neumann series; it converges when ``αH`` has its spectrum in
@@ -121,7 +129,7 @@ class Config:
             Default: ``1.0``. Betty: same name. Read by: ``cg``.
         amp_fp32_methods: Under bf16 or fp16, the hypergradient (best-response) computations
             of these methods stay in fp32: a bf16 darts difference quotient is off by ~20%.
-            Default: ``("darts", "neumann", "cg", "itd")``. Betty: not in Betty. Read by: the
+            Default: ``("darts", "sama", "neumann", "cg", "itd")``. Betty: not in Betty. Read by: the
             ``cast_for_amp`` pass (``compile="fx"`` and ``"inductor"``).
         itd_segments: Checkpoints an ``itd`` replay: 0 = automatic (segmented only under
             ``EngineConfig.memory_budget``), 1 = off, S = keep the start of S segments and
@@ -145,11 +153,13 @@ class Config:
     log_local_step: bool = False
     darts_alpha: float = 0.01
     darts_multitask: bool = False
+    sama_adam_alpha: float = 1.0
+    sama_multitask: bool = False
     neumann_iterations: int = 1
     neumann_alpha: float = 1.0
     cg_iterations: int = 1
     cg_alpha: float = 1.0
-    amp_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd")
+    amp_fp32_methods: tuple[str, ...] = ("darts", "sama", "neumann", "cg", "itd")
     itd_segments: int = 0
 
     def validate(self, problem: str) -> None:
@@ -174,7 +184,7 @@ class Config:
             _is_finite(self.gradient_clipping, 0.0),
             "a finite number >= 0 (0: off)",
         )
-        for name in ("darts_alpha", "neumann_alpha", "cg_alpha"):
+        for name in ("darts_alpha", "sama_adam_alpha", "neumann_alpha", "cg_alpha"):
             value = getattr(self, name)
             _require(where, name, value, _is_finite(value, 0.0) and value > 0, "a finite number > 0")
         if self.darts_multitask is not False:
@@ -182,6 +192,12 @@ class Config:
                 f"{where}: darts_multitask={self.darts_multitask!r} is not implemented (in Betty it leaves the "
                 "lower problem's parameters at w - eps*v after each darts product instead of restoring w); "
                 "leave darts_multitask=False"
+            )
+        if self.sama_multitask is not False:
+            raise ProgramError(
+                f"{where}: sama_multitask={self.sama_multitask!r} is not supported: Betty then leaves the "
+                "parameters at w − εu after each sama hypergradient (averaged across ranks) instead of "
+                "restoring them; use sama_multitask=False"
             )
         if self.precision == "fp16" and (self.initial_dynamic_scale <= 0 or self.scale_factor <= 1):
             raise ProgramError(

@@ -26,7 +26,7 @@ from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.rng import record_rng_states, rng_devices
-from mlocompile.step import StepVariant, needed_batches, needed_windows
+from mlocompile.step import StepVariant, needed_batches, needed_optimizers, needed_windows
 
 log = logging.getLogger("mlocompile")
 
@@ -112,10 +112,19 @@ class StepRunner:
             "hyper": opt.hyperparameters(),
             "acc": dict(acc or {}),
             "windows": windows,
+            "lower_opt": {q: self.lower_optimizer(q) for q in needed_optimizers(self.program, name)},
         }
         if self.runs[name].scaler.scale:
             inputs["scale"] = torch.tensor(self.runs[name].scaler.scale, dtype=torch.float32)
         return inputs
+
+    def lower_optimizer(self, name: str) -> dict[str, Any]:
+        """``name``'s optimizer state entries and hyperparameters, for the method of ``name`` that reads them."""
+        rule = METHOD_RULES[self.program.problems[name].config.type]
+        opt = self.optimizers[name]
+        if rule.check_optimizer is not None:
+            rule.check_optimizer(name, opt)
+        return {"state": opt.read_entries(rule.optimizer_state.get(opt.kind, ())), "hyper": opt.hyperparameters()}
 
     # -- one step -------------------------------------------------------------------------
     def run(self, name: str, batch: Any, update: bool, where: str, check_finite: bool) -> StepResult:

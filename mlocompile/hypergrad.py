@@ -1,4 +1,4 @@
-"""Best-response vector-Jacobian products, one rule per method (darts, neumann, cg, itd).
+"""Best-response vector-Jacobian products, one rule per method (darts, sama, neumann, cg, itd).
 
 Each rule computes ``(∂θ*_curr/∂θ_prev)ᵀ v`` for a vector ``v`` over ``curr``'s
 parameters, evaluating ``curr``'s loss on its last batch at the current weights.
@@ -9,7 +9,7 @@ are and make_fx traces them into the step graph.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mlocompile import symbols as S
+from mlocompile.errors import ProgramError
 from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, tree_norm, with_params
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer, StateDict
@@ -39,6 +40,18 @@ class Window:
 
 
 @dataclass
+class LowerOptimizer:
+    """A lower problem's optimizer state and hyperparameters, for a method that reads them (sama).
+
+    ``state`` holds, per parameter, the entries of ``optimizer.state`` the method names
+    (zeros where torch has none yet); ``hyper`` is ``FunctionalOptimizer.hyperparameters()``.
+    """
+
+    state: StateDict
+    hyper: dict[str, Tensor]
+
+
+@dataclass
 class StepEnv:
     """Everything a best-response rule may read, as explicit tensors."""
 
@@ -50,6 +63,8 @@ class StepEnv:
     windows: dict[str, Window] = field(default_factory=dict)
     init_sources: dict[str, str] = field(default_factory=dict)
     memory_budget: float | None = None  # EngineConfig.memory_budget
+    # optimizer state and hyperparameters of the problems whose method reads them (sama), by problem
+    lower_opt: dict[str, LowerOptimizer] = field(default_factory=dict)
 
     def itd_segments(self, curr: str) -> int:
         """How many segments ``curr``'s itd replay is cut into (1: not checkpointed).
@@ -78,6 +93,7 @@ class StepEnv:
 
 
 VjpRule = Callable[[StepEnv, str, str, Params], Params]
+OptimizerCheck = Callable[[str, FunctionalOptimizer], None]  # (problem name, its optimizer) -> raise or not
 
 
 @dataclass(frozen=True)
@@ -88,8 +104,14 @@ class MethodRule:
     ``window`` means it replays the unroll window (the engine then records every live
     step's inputs, and updates may not donate the parameters the window holds);
     ``second_order`` means it differentiates the lower problem's gradient (attention
-    then runs as its math kernel, which has a double backward); ``flops`` and
-    ``memory`` state one product's cost in the symbols of ``mlocompile.symbols``.
+    then runs as its math kernel, which has a double backward); ``optimizer_state`` names,
+    per optimizer kind (``FunctionalOptimizer.kind``), the entries of the lower problem's
+    ``optimizer.state`` it reads (the step then gets them and the lower's hyperparameters
+    as ``StepEnv.lower_opt``; a problem whose entries include ``"last_grad"`` keeps the
+    gradient its update applied there, as Betty's sama does) and ``check_optimizer``
+    raises ProgramError for a lower optimizer setting it cannot use, each time they are
+    read; ``flops`` and ``memory`` state one product's cost in the symbols of
+    ``mlocompile.symbols``.
     """
 
     name: str
@@ -99,6 +121,8 @@ class MethodRule:
     second_order: bool
     flops: sympy.Expr
     memory: sympy.Expr
+    optimizer_state: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    check_optimizer: OptimizerCheck | None = None
 
 
 METHOD_RULES: dict[str, MethodRule] = {}
@@ -112,11 +136,15 @@ def register_method(
     second_order: bool,
     flops: sympy.Expr,
     memory: sympy.Expr,
+    optimizer_state: Mapping[str, tuple[str, ...]] | None = None,
+    check_optimizer: OptimizerCheck | None = None,
 ) -> Callable[[VjpRule], VjpRule]:
     """Register ``name``'s best-response VJP with its facts (see ``MethodRule``)."""
 
     def deco(vjp: VjpRule) -> VjpRule:
-        METHOD_RULES[name] = MethodRule(name, vjp, fields, window, second_order, flops, memory)
+        METHOD_RULES[name] = MethodRule(
+            name, vjp, fields, window, second_order, flops, memory, dict(optimizer_state or {}), check_optimizer
+        )
         return vjp
 
     return deco
@@ -133,14 +161,92 @@ def register_method(
 )
 def darts_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
     """Finite-difference ``−∇²_{λw}L·v`` with ``eps = darts_alpha / ‖v‖`` (Hessian⁻¹ ≈ I)."""
-    cfg = env.fp.problems[curr].config
-    eps = cfg.darts_alpha / (tree_norm(v) + 1e-15)
+    return _finite_difference(env, curr, prev, v, env.fp.problems[curr].config.darts_alpha)
+
+
+def _finite_difference(env: StepEnv, curr: str, prev: str, v: Params, alpha: float) -> Params:
+    """``(∇_λL(w − εv) − ∇_λL(w + εv)) / 2ε`` with ``ε = alpha / (‖v‖ + 1e-15)``, as Betty's darts."""
+    eps = alpha / (tree_norm(v) + 1e-15)
     loss = env.loss_of(curr, prev)
     w = env.params[curr]
     grad_prev = torch.func.grad(lambda lam, w_: loss(w_, lam), argnums=0)
     g_plus = grad_prev(env.params[prev], tree_axpy(eps, v, w))
     g_minus = grad_prev(env.params[prev], tree_axpy(-eps, v, w))
     return {k: (g_minus[k] - g_plus[k]) / (2 * eps) for k in g_plus}
+
+
+# SAMA's preconditioner reads these entries of an Adam/AdamW state; ``last_grad`` is the gradient
+# the lower problem's last update applied, which its step keeps in the state (``step._update``).
+# Under SGD the preconditioner is the identity and reads nothing.
+SAMA_STATE = ("exp_avg", "exp_avg_sq", "last_grad")
+SAMA_PRECONDITIONED = ("adam", "adamw")  # FunctionalOptimizer.kind
+
+
+def check_sama_optimizer(problem: str, opt: FunctionalOptimizer) -> None:
+    """Raise ProgramError when ``problem``'s optimizer has a setting SAMA's preconditioner cannot use.
+
+    Its Adam preconditioner divides by β₂ (Betty's gives NaN for β₂ = 0).
+    """
+    if opt.kind not in SAMA_PRECONDITIONED:
+        return
+    for i, group in enumerate(opt.optimizer.param_groups):
+        beta2 = float(group["betas"][1])
+        if beta2 == 0:
+            raise ProgramError(
+                f"problem {problem!r}: type='sama' preconditions with the Adam state of its optimizer, which "
+                f"divides by beta2, and param_groups[{i}] has betas[1]={beta2!r}; use beta2 > 0 or type='darts'"
+            )
+
+
+@register_method(
+    "sama",
+    fields=("sama_adam_alpha", "sama_multitask"),
+    second_order=False,
+    optimizer_state={kind: SAMA_STATE for kind in SAMA_PRECONDITIONED},
+    check_optimizer=check_sama_optimizer,
+    # darts' 2G + 6d + 3p, plus the Adam preconditioner: ~17 elementwise ops per parameter
+    flops=2 * S.G + 23 * S.d + 3 * S.p,
+    # darts' 3d + 3p + Ba, plus the state read (exp_avg, exp_avg_sq, last_grad) and the scaled vector
+    memory=7 * S.d + 3 * S.p + S.B * S.a,
+)
+def sama_vjp(env: StepEnv, curr: str, prev: str, v: Params) -> Params:
+    """darts' finite difference on ``v`` preconditioned by ``curr``'s optimizer (Betty's ``sama``).
+
+    ``u = precondition(v)`` (``sama_preconditioner``; the identity under SGD), then
+    ``(∇_λL(w − εu) − ∇_λL(w + εu)) / 2ε`` with ``ε = sama_adam_alpha / ‖u‖``.
+    """
+    opt = env.optimizers[curr]
+    if opt.kind in SAMA_PRECONDITIONED:
+        lower = env.lower_opt[curr]
+        v = sama_preconditioner(opt, lower.state, lower.hyper, v)
+    return _finite_difference(env, curr, prev, v, env.fp.problems[curr].config.sama_adam_alpha)
+
+
+def sama_preconditioner(opt: FunctionalOptimizer, state: StateDict, hyper: dict[str, Tensor], v: Params) -> Params:
+    """Scale ``v`` by Betty's diagonal Adam preconditioner of ``curr``'s last update, per parameter.
+
+    With ``g`` the gradient of that update (``last_grad``), ``m``/``s`` the moments after it
+    and the moments before it recovered as ``m₀ = (m − (1−β₁)g)/β₁`` (0 for β₁ = 0) and
+    ``s₀ = (s − (1−β₂)g²)/β₂``: ``v · lr · ((1−β₁)β₂ s₀ − β₁(1−β₂) g m₀) / (√s + eps)³``.
+    As Betty's, it reads only these (not weight decay, amsgrad, maximize or bias correction),
+    and the group's ``lr``, ``betas`` and ``eps`` now; β₂ = 0 is refused (``check_sama_optimizer``).
+    """
+    out: Params = {}
+    for k, vec in v.items():
+        h = opt.group_hyperparameters(k, hyper)
+        st = state[k]
+        g, m, s = st["last_grad"].detach(), st["exp_avg"].detach(), st["exp_avg_sq"].detach()
+        b1, b2, eps, lr = h["beta1"], h["beta2"], h["eps"], h["lr"]
+        dt = vec.dtype
+        # NOTE: scalars in float64 and cast where used, as torch casts Betty's Python floats;
+        # the order of operations is Betty's (utils.precondition_adam)
+        b1_safe = torch.where(b1 == 0, torch.ones_like(b1), b1)
+        m_old = (m - (1 - b1).to(dt) * g) / b1_safe.to(dt) * (b1 != 0).to(dt)
+        s_old = (s - (1 - b2).to(dt) * g * g) / b2.to(dt)
+        scale = ((1 - b1) * b2).to(dt) * s_old - (b1 * (1 - b2)).to(dt) * g * m_old
+        scale = scale / (torch.sqrt(s) + eps.to(dt)) ** 3
+        out[k] = vec * scale * lr.to(dt)
+    return out
 
 
 def _linearized_grad(env: StepEnv, curr: str, prev: str) -> Callable[[Params], tuple[Params, Params]]:

@@ -22,7 +22,7 @@ META_KEYS: dict[str, str] = {
     "mlo.input": "trace writes the input's path in the step's input tree (params.inner.0.weight); printer reads",
     "mlo.remat": "rematerialize writes, on a recomputed node, the name of the node it copies; printer reads",
     "mlo.segment": "itd writes 'sweep a-b' / 'replay a-b' on the steps of a checkpointed (segmented) unroll; printer reads",
-    "mlo.method": "trace writes darts|neumann|cg|itd for nodes inside a best-response product; printer reads",
+    "mlo.method": "trace writes darts|sama|neumann|cg|itd for nodes inside a best-response product; printer reads",
     "mlo.sym": "trace writes, in a graph traced with symbolic batch dimensions, each value's symbolic shape and "
     "strides (its ``val`` holds the traced example's sizes); reinplace, simplify and the buffer planner read",
 }

@@ -140,6 +140,23 @@ class FunctionalOptimizer:
             out[name] = s
         return out
 
+    def read_entries(self, keys: tuple[str, ...]) -> StateDict:
+        """Return ``keys`` of each parameter's ``optimizer.state``, zeros where torch has none.
+
+        For methods that read another problem's optimizer (sama); the tensors may alias
+        ``optimizer.state``: treat them as read-only.
+        """
+        out: StateDict = {}
+        for name, p in self.named_params.items():
+            st = self.optimizer.state.get(p, {})  # .get: never create empty entries
+            out[name] = {k: st[k] if k in st else torch.zeros_like(p) for k in keys}
+        return out
+
+    def group_hyperparameters(self, name: str, hyper: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Pick parameter ``name``'s group out of ``hyper`` (``hyperparameters()``): ``{"lr": ..., ...}``."""
+        prefix = f"{self._group_of[name]}."
+        return {k[len(prefix) :]: v for k, v in hyper.items() if k.startswith(prefix)}
+
     def _shared_step(self, value: float) -> Tensor:
         # NOTE: parameters stepped together hold equal counters; handing out one tensor
         # per value makes them one graph input (flatten_inputs dedups tensors marked
@@ -217,8 +234,9 @@ class FunctionalOptimizer:
                 new_params[name], new_state[name] = param, state[name]
                 continue
             i = self._group_of[name]
-            h = {k.split(".", 1)[1]: v for k, v in hyper.items() if k.startswith(f"{i}.")}
-            new_params[name], new_state[name] = self.rule.update(param, grad, state[name], h, self._flags(i))
+            new_params[name], new_state[name] = self.rule.update(
+                param, grad, state[name], self.group_hyperparameters(name, hyper), self._flags(i)
+            )
         return new_params, new_state
 
 

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlocompile.distributed import average_gradients
 from mlocompile.functional import FunctionalProgram, Params, tree_norm, with_params
-from mlocompile.hypergrad import METHOD_RULES, StepEnv, Window, run_plan
+from mlocompile.hypergrad import METHOD_RULES, LowerOptimizer, StepEnv, Window, run_plan
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
@@ -47,6 +47,11 @@ def needed_batches(program: ProgramGraph, name: str) -> list[str]:
 def needed_windows(program: ProgramGraph, name: str) -> list[str]:
     """Problems whose unroll window the step of ``name`` replays (currs whose method has a window: itd)."""
     return [c for c in needed_batches(program, name) if METHOD_RULES[program.problems[c].config.type].window]
+
+
+def needed_optimizers(program: ProgramGraph, name: str) -> list[str]:
+    """Problems whose optimizer state the step of ``name`` reads (currs whose method names some: sama)."""
+    return [c for c in needed_batches(program, name) if METHOD_RULES[program.problems[c].config.type].optimizer_state]
 
 
 def _clip(grads: Params, max_norm: float) -> Params:
@@ -101,6 +106,11 @@ def _update(
                 k: {s: torch.where(found_inf, inputs["opt"][k][s], t) for s, t in st.items()}
                 for k, st in new_state.items()
             }
+    if "last_grad" in METHOD_RULES[cfg.type].optimizer_state.get(opt.kind, ()):
+        # NOTE: as Betty's ImplicitProblem, a sama problem keeps the gradient it applied (after
+        # callbacks and clipping) in its optimizer state: its uppers' preconditioner reads it.
+        # A skipped or non-finite step is not written back at all, this entry included.
+        new_state = {k: {**st, "last_grad": total[k]} if k in total else st for k, st in new_state.items()}
     return new_params, new_state
 
 
@@ -119,7 +129,8 @@ def build_step(
     Inputs (a dict): ``params``/``buffers`` of every problem, ``batch`` (this step's),
     ``last`` (last batches of the problems on this problem's paths), ``opt`` and
     ``hyper`` (optimizer state and hyperparameters), ``acc`` (accumulated gradient,
-    possibly empty) and ``windows`` (itd replays); ``memory_budget`` (EngineConfig's)
+    possibly empty), ``windows`` (itd replays) and ``lower_opt`` (the optimizer state and
+    hyperparameters of the problems whose method reads them: sama); ``memory_budget`` (EngineConfig's)
     cuts itd replays into segments; with ``guard_non_finite`` an update whose loss or gradient
     is not finite returns the old parameters and state (an update that overwrites its inputs
     then leaves them intact). Outputs: ``params``, ``opt``,
@@ -149,7 +160,10 @@ def build_step(
         total = dict(grads[name])
         if plan:
             windows = {k: Window(**w) for k, w in inputs["windows"].items()}
-            env = StepEnv(fp, params, buffers, inputs["last"], optimizers, windows, init_sources, memory_budget)
+            lower_opt = {k: LowerOptimizer(**o) for k, o in inputs["lower_opt"].items()}
+            env = StepEnv(
+                fp, params, buffers, inputs["last"], optimizers, windows, init_sources, memory_budget, lower_opt
+            )
             hyper = run_plan(env, name, plan, ends, {c: grads[c] for c in firsts})
             with annotate(problem=name, role="hypergrad"):
                 total = {k: g + hyper[k] for k, g in total.items()}

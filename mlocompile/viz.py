@@ -230,7 +230,7 @@ _UPDATING_ROLES = frozenset({"hypergrad", "update"})
 # Roles drawn as one block per problem, whatever modules their nodes touch.
 _WHOLE_ROLES = frozenset({"update", "comm"})
 # Inputs summarized per problem (``params.<p>...``); the others by their first name alone.
-_PER_PROBLEM_INPUTS = frozenset({"params", "buffers", "last", "windows"})
+_PER_PROBLEM_INPUTS = frozenset({"params", "buffers", "last", "windows", "lower_opt"})
 
 _BlockKey = tuple[str, str, str | None]  # (problem, role, module or None)
 

@@ -163,7 +163,7 @@ def run_graph_pipeline(
     sizes: dict[str, int],
     report: PassReport | None = None,
     precision: str = "fp32",
-    keep_fp32_methods: tuple[str, ...] = ("darts", "neumann", "cg", "itd"),
+    keep_fp32_methods: tuple[str, ...] = ("darts", "sama", "neumann", "cg", "itd"),
     memory_budget: float | None = None,
     inplace: bool = False,
     donated: frozenset[str] = frozenset(),
