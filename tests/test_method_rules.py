@@ -28,12 +28,15 @@ def frozen_method():
 
 
 def test_every_method_fact_is_on_its_rule():
-    assert set(METHOD_RULES) == {"darts", "neumann", "cg", "itd"}
+    assert set(METHOD_RULES) == {"darts", "sama", "neumann", "cg", "itd"}
     config_fields = {f.name for f in dataclasses.fields(mlo.Config)}
     for rule in METHOD_RULES.values():
         assert set(rule.fields) <= config_fields, rule.name
     assert [m for m, r in METHOD_RULES.items() if r.window] == ["itd"]
-    assert [m for m, r in METHOD_RULES.items() if not r.second_order] == ["darts"]
+    assert [m for m, r in METHOD_RULES.items() if not r.second_order] == ["darts", "sama"]
+    assert {m: dict(r.optimizer_state) for m, r in METHOD_RULES.items() if r.optimizer_state} == {
+        "sama": {k: ("exp_avg", "exp_avg_sq", "last_grad") for k in ("adam", "adamw")}
+    }
     assert cost.SYMBOLIC_FLOPS == {m: r.flops for m, r in METHOD_RULES.items()}
 
 

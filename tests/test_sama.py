@@ -24,9 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlocompile as mlo
-from programs import Vec
+from programs import Vec, one_thread
 
 pytestmark = pytest.mark.usefixtures("float64")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():  # tiny models: thread hand-offs cost more than they save
+        yield
 
 BACKENDS = ["eager", "fx"]
 ALPHA = 0.5  # sama_adam_alpha in the reference tests (Betty's default is 1.0)
@@ -71,6 +77,7 @@ MWN_CASES: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
     ),
     "adam_roll_back": ({"type": "sama"}, "adam", {"roll_back": True}),
 }
+CHAIN_CONFIG = {"type": "sama", "sama_adam_alpha": 0.2}  # test_betty_parity.chain_program's three levels
 INNER_OPTIMIZERS = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.8, 0.95)),
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
@@ -93,14 +100,22 @@ def _betty_params(case: str) -> dict[str, dict[str, Tensor]]:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # cached across tests: build it in float64 whoever asks first
     try:
+        if case == "chain":
+            from test_betty_parity import chain_program
+
+            return run_program(BETTY, chain_program(CHAIN_CONFIG), {"strategy": "cpu"})
         return run_program(BETTY, _mwn_program(case), {**MWN_CASES[case][2], "strategy": "cpu"})
     finally:
         torch.set_default_dtype(old)
 
 
+# fx against eager for unrolling, clipping and roll-back: test_fx_equals_eager (fewer steps, no Betty run)
+MWN_RUNS = [("adam", "eager"), ("adam", "fx"), ("sgd", "eager"), ("sgd", "fx")]
+MWN_RUNS += [("adam_clip_unroll2_alpha", "eager"), ("adam_roll_back", "eager")]
+
+
 @pytest.mark.betty
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(MWN_CASES))
+@pytest.mark.parametrize(("case", "backend"), MWN_RUNS)
 def test_meta_weight_net_matches_betty(case: str, backend: str) -> None:
     pytest.importorskip("betty")
     from test_betty_parity import OURS, TOL, run_program
@@ -120,9 +135,15 @@ def test_meta_weight_net_matches_betty(case: str, backend: str) -> None:
 def test_three_levels_match_betty(backend: str) -> None:
     # bottom: SGD (identity preconditioner), middle: Adam (its state preconditions top's hypergradient)
     pytest.importorskip("betty")
-    from test_betty_parity import assert_parity, chain_program
+    from test_betty_parity import OURS, TOL, chain_program, run_program
 
-    assert_parity(chain_program({"type": "sama", "sama_adam_alpha": 0.2}), backend)
+    program = chain_program(CHAIN_CONFIG)
+    ours = run_program(OURS, program, {"compile": backend})
+    for name, params in _betty_params("chain").items():
+        init = dict(program.specs[name].module.named_parameters())
+        for key, value in params.items():
+            assert not torch.equal(value, init[key].detach()), f"{name}.{key} never changed in Betty"
+            torch.testing.assert_close(ours[name][key], value, **TOL, msg=lambda m, n=name, k=key: f"{n}.{k}: {m}")
 
 
 # -- one hypergradient against a hand-written reference -------------------------------------------
@@ -139,7 +160,7 @@ class Meta(mlo.ImplicitProblem):
         return F.cross_entropy(self.inner(x), y)
 
 
-def _mwn_engine(backend: str, optimizer: str, **engine_kw: Any):
+def _mwn_engine(backend: str, optimizer: str, clip: float = 0.0, **engine_kw: Any):
     from test_betty_parity import classification_batches, mlp
 
     torch.manual_seed(0)
@@ -157,7 +178,7 @@ def _mwn_engine(backend: str, optimizer: str, **engine_kw: Any):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
     else:
         opt = INNER_OPTIMIZERS[optimizer](net)
-    cfg = mlo.Config(type="sama", sama_adam_alpha=ALPHA)
+    cfg = mlo.Config(type="sama", sama_adam_alpha=ALPHA, gradient_clipping=clip)
     inner = Reweighted("inner", cfg, net, opt, train_data_loader=classification_batches(1, 5, noise=0.4))
     outer = Meta(
         "outer",
@@ -203,8 +224,8 @@ def test_hypergradient_matches_autograd_reference(optimizer: str, backend: str) 
 
 
 def test_the_lower_keeps_the_gradient_it_applied() -> None:
-    # Betty: state["last_grad"] = param.grad after optimizer.step(); here after clipping too
-    engine, inner, outer = _mwn_engine("fx", "adam_groups")
+    # Betty: state["last_grad"] = param.grad after clip_grad_norm_ and optimizer.step()
+    engine, inner, outer = _mwn_engine("eager", "adam_groups", clip=0.05)
     engine.train_step()
     net, wnet = inner.module, outer.module
     before = {k: t.detach().clone() for k, t in net.named_parameters()}
@@ -215,6 +236,9 @@ def test_the_lower_keeps_the_gradient_it_applied() -> None:
     per = F.cross_entropy(torch.func.functional_call(net, w, (x,)), y, reduction="none").reshape(-1, 1)
     loss = (torch.sigmoid(torch.func.functional_call(wnet, lam, (per.detach(),))) * per).mean()
     grads = dict(zip(w, torch.autograd.grad(loss, list(w.values()))))
+    coef = 0.05 / (torch.cat([g.flatten() for g in grads.values()]).norm() + 1e-6)
+    assert coef < 1  # clipped
+    grads = {k: g * coef for k, g in grads.items()}
     for key, p in net.named_parameters():
         torch.testing.assert_close(inner.optimizer.state[p]["last_grad"], grads[key], rtol=1e-12, atol=1e-15)
 
