@@ -204,8 +204,8 @@ def check_sama_optimizer(problem: str, opt: FunctionalOptimizer) -> None:
     second_order=False,
     optimizer_state={kind: SAMA_STATE for kind in SAMA_PRECONDITIONED},
     check_optimizer=check_sama_optimizer,
-    # darts' 2G + 6d + 3p, plus the Adam preconditioner: ~17 elementwise ops per parameter
-    flops=2 * S.G + 23 * S.d + 3 * S.p,
+    # darts' 2G + 6d + 3p, plus the Adam preconditioner: 18 elementwise ops per parameter
+    flops=2 * S.G + 24 * S.d + 3 * S.p,
     # darts' 3d + 3p + Ba, plus the state read (exp_avg, exp_avg_sq, last_grad) and the scaled vector
     memory=7 * S.d + 3 * S.p + S.B * S.a,
 )

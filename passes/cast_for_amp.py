@@ -113,7 +113,9 @@ def cast_for_amp(gm: GraphModule, *, policy: Policy) -> GraphModule:
     return gm
 
 
-def precision_policy(precision: str, keep_fp32_methods: tuple[str, ...] = ("darts", "sama", "neumann", "cg", "itd")) -> Policy:
+def precision_policy(
+    precision: str, keep_fp32_methods: tuple[str, ...] = ("darts", "sama", "neumann", "cg", "itd")
+) -> Policy:
     """The default policy: a step runs at its stepping problem's precision, except the
     best-response products of ``keep_fp32_methods`` (finite differences and iterative
     solvers amplify round-off: a bf16 darts difference quotient or itd reverse pass

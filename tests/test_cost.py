@@ -17,7 +17,7 @@ from mlocompile import cost
 from mlocompile.trace import flatten_inputs
 from programs import Meta, Reweighted, chain_engine, mwn_engine
 
-METHODS = ["darts", "neumann", "cg", "itd"]
+METHODS = ["darts", "sama", "neumann", "cg", "itd"]
 
 
 def big_mwn_engine(method: str) -> mlo.Engine:
@@ -158,6 +158,8 @@ def test_symbolic_scaling_in_unroll_and_iterations():
     # one darts hypergradient is two gradients plus O(d + p) vector work
     leftover = sympy.expand(cost.SYMBOLIC_FLOPS["darts"] - 2 * cost.G)
     assert cost.c not in leftover.free_symbols
+    # sama is darts plus an elementwise preconditioner over the lower's parameters
+    assert sympy.expand(cost.SYMBOLIC_FLOPS["sama"] - cost.SYMBOLIC_FLOPS["darts"]) == 18 * cost.d
 
 
 def test_report_text_lists_every_step_and_method():

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import mlocompile as mlo
 from programs import Vec, one_thread
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 def _one_thread():
     with one_thread():  # tiny models: thread hand-offs cost more than they save
         yield
+
 
 BACKENDS = ["eager", "fx"]
 ALPHA = 0.5  # sama_adam_alpha in the reference tests (Betty's default is 1.0)
@@ -211,7 +212,9 @@ def test_hypergradient_matches_autograd_reference(optimizer: str, backend: str) 
         xi, yi = inner.cur_batch
         logits = torch.func.functional_call(net, dict(zip(names, w_)), (xi,))
         per = F.cross_entropy(logits, yi, reduction="none").reshape(-1, 1)
-        weight = torch.func.functional_call(wnet, dict(zip([n for n, _ in wnet.named_parameters()], lam_)), (per.detach(),))
+        weight = torch.func.functional_call(
+            wnet, dict(zip([n for n, _ in wnet.named_parameters()], lam_)), (per.detach(),)
+        )
         return (torch.sigmoid(weight) * per).mean()
 
     expected = _finite_difference(inner_loss, [t.detach() for t in w], lam, u, ALPHA)  # + a zero direct gradient
