@@ -367,3 +367,31 @@ def test_adam_with_beta2_zero_is_refused_and_nothing_changes(backend: str) -> No
     after = [p.detach() for prob in (inner, outer) for p in prob.module.parameters()]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     assert not inner.optimizer.state  # the inner's update was rolled back too
+
+
+def test_a_checkpoint_keeps_last_grad_and_resumes_exactly(tmp_path) -> None:
+    # the gradient the lower applied is optimizer state: saved, loaded, and read by the next hypergradient
+    straight, inner, _ = _mwn_engine("eager", "adam")
+    for _ in range(4):
+        straight.train_step()
+    expected = straight.gradients("outer")
+    engine, inner, _ = _mwn_engine("eager", "adam")
+    for _ in range(2):
+        engine.train_step()
+    engine.save(str(tmp_path / "ck.pt"))
+    resumed, inner, _ = _mwn_engine("eager", "adam")
+    resumed.load(str(tmp_path / "ck.pt"))
+    assert all("last_grad" in st for st in inner.optimizer.state.values())
+    for _ in range(2):
+        resumed.train_step()
+    got = resumed.gradients("outer")
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_the_step_diagram_shows_the_lower_optimizer_input() -> None:
+    engine, _, _ = _mwn_engine("fx", "adam")
+    engine.train_step()
+    compiled = mlo.compile(engine)
+    assert "method=sama" in compiled.ir
+    assert "lower_opt.inner" in compiled.to_dot(kind="step")
