@@ -19,7 +19,7 @@ import torch
 
 from mlocompile.errors import CheckpointError
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: data positions record the loaders' generators and first-batch random state
 REQUIRED = ("global_step", "problems", "schedule", "runs", "checked", "early_stopping", "history", "run", "rng")
 
 

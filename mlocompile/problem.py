@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from mlocompile.checkpoint import rng_state, set_rng_state
 from mlocompile.config import Config
+from mlocompile.data import Cursor, loader_generators
 from mlocompile.errors import CheckpointError, ProgramError
 
 _HOOKS = ("on_inner_loop_start", "grad_callback", "param_callback", "validation_step")
@@ -62,9 +64,7 @@ class Problem:
         self.train_data_loader = train_data_loader
         self.cur_batch: Any = None
         self.epoch_counter: list[int] = []
-        self._iterators: list[Iterator[Any]] | None = None
-        self._iter_rng: list[torch.Tensor] = []
-        self._consumed: list[int] = []
+        self._iterators: list[Cursor] | None = None  # started by the Engine (Betty: at build)
         self.fetches = 0  # get_batch calls begun (a call cut short may have advanced an iterator)
         self._init_source: Problem | None = None
         self._peers: tuple[str, ...] = ()
@@ -151,16 +151,19 @@ class Problem:
 
     # -- data -------------------------------------------------------------------------
     def peek_batch(self) -> Any:
-        """Return the last batch, or the next one without consuming data or torch's RNG."""
+        """Return the last batch, or the one ``get_batch`` would return now, changing nothing.
+
+        Nothing means: no iterator moves and no random stream (global or a loader's own
+        ``torch.Generator``) draws; a twin iterator replays the live one's position.
+        """
         if self.cur_batch is not None:
             return self.cur_batch
-        rng = torch.get_rng_state()
+        cursors = self._iterators if self._iterators is not None else [Cursor(ld) for ld in self._loaders()]
         try:
-            batches = [next(iter(loader)) for loader in self._loaders()]
+            batches = [cursor.peek() for cursor in cursors]
         except StopIteration:
-            raise ProgramError(f"train_data_loader of problem {self._name!r} yields no batches") from None
-        finally:
-            torch.set_rng_state(rng)
+            # NOTE: an exhausted live iterator restarts in get_batch: its first batch is the next one
+            batches = [_peek_or_restart(cursor, self._name) for cursor in cursors]
         return batches[0] if len(batches) == 1 else tuple(batches)
 
     def _loaders(self) -> tuple[Iterable[Any], ...]:
@@ -171,33 +174,33 @@ class Problem:
             raise ProgramError(f"problem {self._name!r} has no train_data_loader and no get_batch()")
         return loader if isinstance(loader, tuple) else (loader,)
 
+    def start_data(self) -> None:
+        """Create the data iterators now; the Engine does when it is built, where Betty does."""
+        self.epoch_counter = [0] * len(self._loaders())
+        self._iterators = [Cursor(loader) for loader in self._loaders()]
+        for cursor in self._iterators:
+            cursor.begin()
+
     def get_batch(self) -> Any:
         """Return the next training batch, restarting exhausted loaders (Betty semantics)."""
         self.fetches += 1
-        loaders = self._loaders()
         if self._iterators is None:
-            self.epoch_counter = [0] * len(loaders)
-            self._iter_rng = [torch.get_rng_state() for _ in loaders]
-            self._consumed = [0] * len(loaders)
-            self._iterators = [iter(ld) for ld in loaders]
+            self.start_data()
+        assert self._iterators is not None
         batches = []
-        for i, loader in enumerate(loaders):
+        for i, cursor in enumerate(self._iterators):
             try:
-                batch = next(self._iterators[i])
+                batch = cursor.next()
             except StopIteration:
                 if i == 0 and self.is_implemented("epoch_callback"):
-                    self.epoch_callback()  # type: ignore[attr-defined]  # NOTE: before the count moves (Betty)
+                    self.epoch_callback()  # type: ignore[attr-defined]  # Betty: before the counter moves
                 self.epoch_counter[i] += 1
-                # NOTE: the RNG state at iterator creation fixes a shuffled loader's order,
-                # which is what lets a checkpoint restore the exact data position
-                self._iter_rng[i], self._consumed[i] = torch.get_rng_state(), 0
-                _set_epoch(loader, self.epoch_counter[i])
-                self._iterators[i] = iter(loader)
+                cursor.epoch = self.epoch_counter[i]
+                cursor.begin()
                 try:
-                    batch = next(self._iterators[i])
+                    batch = cursor.next()
                 except StopIteration:
                     raise ProgramError(f"train_data_loader of problem {self._name!r} yields no batches") from None
-            self._consumed[i] += 1
             batches.append(batch)
         return batches[0] if len(batches) == 1 else tuple(batches)
 
@@ -208,8 +211,7 @@ class Problem:
         return {
             "started": True,
             "epoch_counter": list(self.epoch_counter),
-            "iter_rng": list(self._iter_rng),
-            "consumed": list(self._consumed),
+            "cursors": [cursor.state() for cursor in self._iterators],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,6 +245,15 @@ class Problem:
         sched = None if self.scheduler is None else type(self.scheduler).__name__
         if state["scheduler_kind"] != sched:
             raise CheckpointError(f"{where}: scheduler is {state['scheduler_kind']}, this engine's is {sched}")
+        data = state["data"]
+        if data["started"]:
+            saved_gens = [len(c["gens"]) for c in data["cursors"] if c["start_rng"] is not None]
+            gens = [len(loader_generators(ld)) for ld, c in zip(self._loaders(), data["cursors"]) if c["start_rng"] is not None]
+            if len(data["cursors"]) != len(self._loaders()) or saved_gens != gens:
+                raise CheckpointError(
+                    f"{where}: its data position is for {len(data['cursors'])} loader(s) with {saved_gens} "
+                    f"torch.Generator(s), here {len(self._loaders())} with {gens}; build the loaders the same way"
+                )
         source = state["init_source"]
         if source is not None and source not in self._peers:
             raise CheckpointError(f"{where}: starts from problem {source!r}, which this engine does not have")
@@ -264,24 +275,12 @@ class Problem:
         if not state["started"]:
             self._iterators = None
             return
-        loaders = self._loaders()
-        rng = torch.get_rng_state()
+        rng = rng_state()
         try:
-            self._iterators = []
-            for loader, start, consumed, epoch in zip(
-                loaders, state["iter_rng"], state["consumed"], state["epoch_counter"]
-            ):
-                torch.set_rng_state(start)
-                _set_epoch(loader, epoch)
-                it = iter(loader)
-                for _ in range(consumed):
-                    next(it)
-                self._iterators.append(it)
+            self._iterators = [Cursor.restore(ld, cs) for ld, cs in zip(self._loaders(), state["cursors"])]
         finally:
-            torch.set_rng_state(rng)
+            set_rng_state(rng)
         self.epoch_counter = list(state["epoch_counter"])
-        self._iter_rng = list(state["iter_rng"])
-        self._consumed = list(state["consumed"])
 
 
 def _check_tensors(where: str, saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
@@ -348,7 +347,10 @@ def _check_own_parameters(problems: Sequence[Problem]) -> None:
 
 
 def _configure(problem: Problem) -> None:
+    """Build what the ``configure_*`` hooks make and start the data iterators, in Betty's order."""
     name = problem.name
+    if problem.train_data_loader is None and problem.is_implemented("configure_train_data_loader"):
+        problem.train_data_loader = problem.configure_train_data_loader()  # type: ignore[attr-defined]
     if problem.module is None and problem.is_implemented("configure_module"):
         problem.module = problem.configure_module()  # type: ignore[attr-defined]
     if problem.module is None:
@@ -365,13 +367,20 @@ def _configure(problem: Problem) -> None:
         raise ProgramError(f"problem {name!r} has no optimizer; pass optimizer=torch.optim.SGD(...) or similar")
     if problem.scheduler is None and problem.is_implemented("configure_scheduler"):
         problem.scheduler = problem.configure_scheduler()  # type: ignore[attr-defined]
+    if problem.train_data_loader is not None:
+        # NOTE: iter() of a shuffled DataLoader draws a random number: here, as in Betty's Engine
+        problem.start_data()
 
 
-def _set_epoch(loader: Any, epoch: int) -> None:
-    # a DistributedSampler reshuffles per epoch only when told the epoch
-    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(epoch)
+def _peek_or_restart(cursor: Cursor, name: str) -> Any:
+    """Peek ``cursor``, or past its end the first batch of the epoch ``get_batch`` would start."""
+    try:
+        return cursor.peek()
+    except StopIteration:
+        try:
+            return Cursor(cursor.loader, cursor.epoch + 1).peek()
+        except StopIteration:
+            raise ProgramError(f"train_data_loader of problem {name!r} yields no batches") from None
 
 
 ImplicitProblem = Problem
