@@ -53,15 +53,27 @@ def order_vjps(program: ProgramGraph) -> ProgramGraph:
 
 
 def check_no_jacobians(gm: GraphModule, sizes: dict[str, int]) -> None:
-    """Raise IRVerificationError if a node's output has a Jacobian's shape (d_i × d_j).
+    """Raise IRVerificationError if the hypergradient machinery made a node with a Jacobian's shape (d_i × d_j).
 
     ``sizes`` maps each problem to its flattened parameter count; only sizes above 1
-    are considered, so scalars and vectors never trip the check.
+    are considered, so scalars and vectors never trip the check. Only what mlocompile
+    makes is judged, never the user's own losses: a loss may build any matrix
+    (``torch.diag(λ)`` is d × d), and differentiating it yields cotangents of the same
+    shapes. So nodes of the user's forward (``mlo.role`` "forward") are skipped, and a
+    shape that a forward value or a parameter has (or its transpose) is one no node is
+    judged by; a real Jacobian of another shape is still caught.
     """
     dims = {d for d in sizes.values() if d > 1}
+    users: set[tuple[int, ...]] = set()
     for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        shape = tuple(getattr(val, "shape", ()))
+        user = node.meta.get("mlo.role") == "forward" or str(node.meta.get("mlo.input", "")).startswith("params.")
+        shape = tuple(getattr(node.meta.get("val"), "shape", ()))
+        if user and len(shape) == 2:
+            users |= {shape, shape[::-1]}
+    for node in gm.graph.nodes:
+        shape = tuple(getattr(node.meta.get("val"), "shape", ()))
+        if node.meta.get("mlo.role") == "forward" or shape in users:
+            continue
         if len(shape) == 2 and shape[0] in dims and shape[1] in dims and shape[0] * shape[1] > max(dims):
             raise IRVerificationError(
                 f"node {node.name} ({node.target}) has shape {shape}, the shape of a best-response "
