@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -51,13 +52,55 @@ class _LikePlainPyTorch(torch.overrides.TorchFunctionMode):
     divided by ``1 − p``, times ``x``): the same draws, the same bits.
     """
 
+    def __init__(self, problem: str) -> None:
+        super().__init__()
+        self.problem = problem
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func in _AUTOGRAD_CALLS and _AUTOGRAD_CALLS[func](args, kwargs) and not _called_by_torch_func():
+            raise ProgramError(_autograd_message(self.problem, func))
         if func is torch.nn.functional.batch_norm:
             return _batch_norm(func, args, kwargs)
         if func is torch.nn.functional.dropout:
             return _dropout(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+# Calls that need plain autograd inside a loss, with when they do (requires_grad_(False) is harmless)
+_AUTOGRAD_CALLS: dict[Any, Any] = {
+    torch.Tensor.requires_grad_: lambda args, kwargs: kwargs.get("requires_grad", args[1] if len(args) > 1 else True),
+    torch.Tensor.requires_grad.__set__: lambda args, kwargs: bool(args[1]),  # type: ignore[attr-defined]
+    torch.autograd.grad: lambda args, kwargs: True,
+    torch.autograd.backward: lambda args, kwargs: True,
+    torch.Tensor.backward: lambda args, kwargs: True,
+}
+
+
+def _called_by_torch_func() -> bool:
+    """Whether the autograd call being dispatched comes from torch.func itself (its grad makes its inputs
+    require grad and calls torch.autograd.grad), not from the user's code."""
+    frame = sys._getframe(2)  # NOTE: past this helper and __torch_function__
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("torch.overrides", "torch.autograd")):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("torch._functorch")
+
+
+def _autograd_message(problem: str, func: Any) -> str:
+    call = {torch.Tensor.requires_grad.__set__: "requires_grad = True"}.get(  # type: ignore[attr-defined]
+        func, getattr(func, "__name__", str(func)) + "()"
+    )
+    return (
+        f"the training_step of problem {problem!r} calls {call}: a step's losses run inside torch.func "
+        "transforms (traced by make_fx, under compile='eager' too), where torch.autograd.grad, backward() and "
+        "requires_grad_() cannot differentiate. Write the inner gradient with torch.func.grad of a function of "
+        "the input, e.g. for an adversarial (PGD/FGSM) perturbation:\n"
+        "    def attack_loss(delta):\n"
+        "        return F.cross_entropy(self.module(x + delta), y)\n"
+        "    g = torch.func.grad(attack_loss)(torch.zeros_like(x))   # instead of delta.requires_grad_() and "
+        "torch.autograd.grad(loss, delta)\n"
+        "    x_adv = (x + eps * g.sign()).detach()"
+    )
 
 
 def _dropout(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -209,7 +252,7 @@ class FunctionalProgram:
             for prob, tensors in after.items():
                 for key, t in tensors.items():
                     flat[f"mods.{prob}.{key}"] = t
-            with _LikePlainPyTorch():
+            with _LikePlainPyTorch(name):
                 try:
                     out = torch.func.functional_call(self.root, flat, (name, batch), strict=False)
                 except MLOError:
