@@ -80,7 +80,7 @@ def build(lib: Any, inner_config: dict[str, Any] | None = None, **engine: Any) -
         train_data_loader=upper_data,
         config=lib.Config(),
     )
-    extra = {"strategy": "cpu"} if lib is BETTY else {"progress": False, **engine}
+    extra = {"strategy": "cpu", **engine} if lib is BETTY else {"progress": False, **engine}
     torch.manual_seed(123)  # NOTE: the state Engine construction starts from
     return lib.Engine(
         problems=[outer, inner],
