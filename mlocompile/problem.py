@@ -248,7 +248,11 @@ class Problem:
         data = state["data"]
         if data["started"]:
             saved_gens = [len(c["gens"]) for c in data["cursors"] if c["start_rng"] is not None]
-            gens = [len(loader_generators(ld)) for ld, c in zip(self._loaders(), data["cursors"]) if c["start_rng"] is not None]
+            gens = [
+                len(loader_generators(ld))
+                for ld, c in zip(self._loaders(), data["cursors"])
+                if c["start_rng"] is not None
+            ]
             if len(data["cursors"]) != len(self._loaders()) or saved_gens != gens:
                 raise CheckpointError(
                     f"{where}: its data position is for {len(data['cursors'])} loader(s) with {saved_gens} "
