@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import FrameType
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ _AUTOGRAD_CALLS: dict[Any, Any] = {
 def _called_by_torch_func() -> bool:
     """Whether the autograd call being dispatched comes from torch.func itself (its grad makes its inputs
     require grad and calls torch.autograd.grad), not from the user's code."""
-    frame = sys._getframe(2)  # NOTE: past this helper and __torch_function__
+    frame: FrameType | None = sys._getframe(2)  # NOTE: past this helper and __torch_function__
     while frame is not None and frame.f_globals.get("__name__", "").startswith(("torch.overrides", "torch.autograd")):
         frame = frame.f_back
     return frame is not None and frame.f_globals.get("__name__", "").startswith("torch._functorch")
