@@ -174,7 +174,7 @@ class Problem:
             raise ProgramError(f"problem {self._name!r} has no train_data_loader and no get_batch()")
         return loader if isinstance(loader, tuple) else (loader,)
 
-    def start_data(self) -> None:
+    def _start_data(self) -> None:
         """Create the data iterators now; the Engine does when it is built, where Betty does."""
         self.epoch_counter = [0] * len(self._loaders())
         self._iterators = [Cursor(loader) for loader in self._loaders()]
@@ -185,7 +185,7 @@ class Problem:
         """Return the next training batch, restarting exhausted loaders (Betty semantics)."""
         self.fetches += 1
         if self._iterators is None:
-            self.start_data()
+            self._start_data()
         assert self._iterators is not None
         batches = []
         for i, cursor in enumerate(self._iterators):
@@ -373,7 +373,7 @@ def _configure(problem: Problem) -> None:
         problem.scheduler = problem.configure_scheduler()  # type: ignore[attr-defined]
     if problem.train_data_loader is not None:
         # NOTE: iter() of a shuffled DataLoader draws a random number: here, as in Betty's Engine
-        problem.start_data()
+        problem._start_data()
 
 
 def _peek_or_restart(cursor: Cursor, name: str) -> Any:
