@@ -47,7 +47,8 @@ from mlocompile.errors import (
     RenderError,
     TraceError,
 )
-from mlocompile.problem import ImplicitProblem, IterativeProblem, Problem
+from mlocompile.env import Env
+from mlocompile.problem import HigherIterativeProblem, ImplicitProblem, IterativeProblem, Problem
 
 if TYPE_CHECKING:
     from mlocompile.compiled import CompiledProgram
@@ -79,7 +80,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("errors", "symbols", "analysis", "rng", "backends", "optim_rules", "passes.report")),
     ("settings, IR, tools", ("config", "ir", "optim", "schedulers", "distributed", "monitor", "checkpoint")),
     ("data cursors", ("data",)),
-    ("problems", ("problem",)),
+    ("problems", ("problem", "env")),
     ("problems as functions", ("functional", "decorator")),
     ("hypergradient methods", ("hypergrad",)),
     ("program graph", ("program",)),
@@ -121,6 +122,8 @@ __all__ = [
     "DistributedError",
     "Engine",
     "EngineConfig",
+    "Env",
+    "HigherIterativeProblem",
     "IRVerificationError",
     "ImplicitProblem",
     "IterativeProblem",

@@ -35,8 +35,10 @@ REFUSED_PROBLEM_HOOKS: dict[str, str] = {
         "configure_optimizer) and rename the method (e.g. _param_groups) so it is not mistaken for Betty's hook"
     ),
     "get_batch": (
-        "the engine reads batches from train_data_loader (it peeks at them, checkpoints and restores the "
-        "position); pass train_data_loader= (any re-iterable of batches) or define configure_train_data_loader()"
+        "with a train_data_loader the engine reads batches from the loader (it peeks at them, checkpoints and "
+        "restores the position), so an override would be bypassed; either drop the loader (then get_batch() "
+        "supplies every batch and must return the current one without consuming data when called twice, as "
+        "Betty's Env pattern does) or drop the override"
     ),
     "get_batch_single_loader": "pass train_data_loader= (any re-iterable of batches); the engine iterates it",
     "validation_step": (
@@ -52,8 +54,6 @@ REFUSED_PROBLEM_HOOKS: dict[str, str] = {
         "(p.requires_grad_(False))"
     ),
     "parameters": "the problem's parameters are its module's; give it a module holding exactly those",
-    "train": "the engine calls module.train() on every problem's module; override the module's train() instead",
-    "eval": "the engine calls module.eval() on every problem's module; override the module's train() instead",
     "epoch_callback_exec": "define epoch_callback(self), which the engine calls when the first loader restarts",
 }
 for _name in (
@@ -167,6 +167,8 @@ def check_problem_hooks(problems: Iterable[Problem]) -> None:
     for problem in problems:
         where = f"problem {problem.name!r} ({type(problem).__name__})"
         for name, fix in REFUSED_PROBLEM_HOOKS.items():
+            if name == "get_batch" and problem.train_data_loader is None:
+                continue  # no loader: the user's get_batch() supplies every batch (Betty's Env pattern)
             if user_defined(problem, name, Problem):
                 raise ProgramError(f"{where} defines {name}(), which is not supported: {fix}")
         for name, example in CALLBACKS.items():

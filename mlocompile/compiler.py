@@ -2,10 +2,11 @@
 
 Everything a compiled step depends on is in its cache key, as a guard would check
 it: the variant, the frozen ``CompileOptions`` (compile mode, memory budget, world
-size, donation, init sources), every problem's ``Config`` fields, the optimizer's
-structure, the inputs' shapes/dtypes/devices and static leaves, and the
-``training`` flag of every submodule. A change traces again; nothing is set on the
-compiler from outside.
+size, donation, init sources), the program's dependency structure (edges, paths,
+VJP plans), every problem's ``Config`` fields, the optimizer's structure, the
+inputs' shapes/dtypes/devices and static leaves, and the ``training`` flag of every
+submodule. A change traces again. Only the program is set from outside
+(``set_program``, for ``Engine.set_dependency``), and its structure is in the key.
 
 Sizes are the exception: when a step meets inputs that differ from an earlier trace
 only in some sizes (a last partial batch, another sequence length), it is traced once
@@ -99,6 +100,10 @@ class Compiler:
         self._fixed_only: set[tuple[Any, ...]] = set()  # structures whose symbolic trace failed (warned once)
         self._pinned: OrderedDict[tuple[Any, ...], set[tuple[int, int]]] = OrderedDict()  # sizes traces specialized
 
+    def set_program(self, program: ProgramGraph) -> None:
+        """Compile for ``program`` from now on (same problems, new dependencies): steps trace again."""
+        self.program = program
+
     def config_key(self) -> tuple[Any, ...]:
         """Every problem's ``Config`` fields, as a hashable key (a step reads them while it is built)."""
         return tuple((n, _hashable(vars(p.config))) for n, p in self.program.problems.items())
@@ -108,7 +113,15 @@ class Compiler:
         # NOTE: an fx update that overwrites its inputs must not write a non-finite result: it keeps
         # the old values then (the engine raises NonFiniteError with the parameters intact)
         guard = options.check_finite and self.donates(variant, options)
-        key = (variant, options.init_sources, options.world_size, options.memory_budget, guard, self.config_key())
+        key = (
+            variant,
+            options.init_sources,
+            options.world_size,
+            options.memory_budget,
+            guard,
+            self.config_key(),
+            self.program.structure(),
+        )
         if key in self._fns:
             self._fns.move_to_end(key)
         else:
@@ -139,7 +152,8 @@ class Compiler:
         flat = flatten_inputs(inputs) if flat is None else flat
         opt_sig = self.optimizers[variant.problem].signature()
         # NOTE: like guards, the key holds everything the trace read: a change retraces
-        settings = (variant, options, opt_sig)
+        structure = self.program.structure()  # Engine.set_dependency swaps the program
+        settings = (variant, options, opt_sig, structure)
         key = (*settings, flat.key(), self.config_key(), self.fp.training_flags())
         traced = self._traced.get(key) or self._served.get(key)
         if traced is None:

@@ -130,6 +130,26 @@ def plan_program(problems: Sequence[Problem], dependencies: Any, eager: bool) ->
     return deps, program
 
 
+def check_declared_relations(program: ProgramGraph) -> None:
+    """Check relations recorded with ``Problem.add_child``/``add_parent`` against the graph, then drop them.
+
+    Raises:
+        ProgramError: a recorded relation that no l2u edge of ``dependencies`` declares.
+    """
+    for name, problem in program.problems.items():
+        manual = problem._manual
+        declared = {"parents": program.parents(name), "children": program.children(name)}
+        for kind in ("parents", "children"):
+            for other in manual[kind]:
+                if other.name not in declared[kind]:
+                    lower, upper = (name, other.name) if kind == "parents" else (other.name, name)
+                    raise ProgramError(
+                        f"{upper!r} was added as a parent of {lower!r} (add_child/add_parent), but dependencies "
+                        f"has no l2u edge {lower} -> {upper}; declare it: \"l2u\": {{{lower}: [{upper}]}}"
+                    )
+        problem._manual = {"parents": [], "children": []}
+
+
 def check_program(program: ProgramGraph, problems: Sequence[Problem], eager: bool, warn_undeclared: bool) -> None:
     """Evaluate every loss once and check the declared edges against what the losses use.
 

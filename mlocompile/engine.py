@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -20,7 +21,7 @@ from mlocompile import checkpoint, compat, distributed
 from mlocompile.compiled import CompiledProgram
 from mlocompile.compiler import CompileOptions, Compiler
 from mlocompile.config import EngineConfig
-from mlocompile.dependencies import check_program, plan_program
+from mlocompile.dependencies import check_declared_relations, check_program, plan_program
 from mlocompile.errors import CheckpointError, ProgramError
 from mlocompile.execution import StepRunner
 from mlocompile.functional import FunctionalProgram
@@ -43,7 +44,8 @@ class Engine:
         config: schedule, validation and compilation settings.
         dependencies: ``{"u2l": {upper: [lowers]}, "l2u": {lower: [uppers]}}`` with
             problems or their names as keys and values.
-        env: unused; accepted for Betty compatibility (reinforcement-learning envs).
+        env: Betty's ``Env`` (``mlocompile.Env``): shared state the problems read as
+            ``self.env`` and the user steps (e.g. from an overridden ``train_step``).
     """
 
     def __init__(
@@ -61,6 +63,8 @@ class Engine:
         self._warn_undeclared = dependencies is not None
         self.dependencies, self.program = plan_program(self.problems, dependencies, self.config.compile == "eager")
         compat.check_betty_settings(self, Engine, self.program, self.config.strategy)
+        check_declared_relations(self.program)
+        self._attach_env()
         self.rank, self.world_size = 0, 1
         self._dist_ready = False
         self.global_step = 0
@@ -85,6 +89,101 @@ class Engine:
         self._history_dropped = 0  # oldest records dropped from history (still in the metric files)
         self.run_id: str | None = None  # names this engine's metrics in output_dir, once it writes any
 
+    # -- Betty's surface: leaves, device, rank, env, set_dependency, Problem.step/log ------------
+    @property
+    def leaves(self) -> list[Problem]:
+        """The problems with no problem below them; each ``train_step`` steps them (Betty)."""
+        return [self.program.problems[n] for n in self.program.leaves]
+
+    @property
+    def device(self) -> torch.device:
+        """The device the problems' modules are on (the first problem's, if they differ)."""
+        return self.problems[0].device or torch.device("cpu")
+
+    def is_rank_zero(self) -> bool:
+        """Whether this process is rank 0 (always, without ``strategy="distributed"``)."""
+        return self.rank == 0
+
+    def _attach_env(self) -> None:
+        """Betty's env set-up: configure it, make every problem an attribute of it, give it to the problems."""
+        env = self.env
+        if env is None:
+            return
+        strategy = self.config.strategy
+        if strategy == "distributed":
+            raise ProgramError(
+                "an Env under EngineConfig(strategy='distributed') is not supported: the engine would not "
+                "shard its data or synchronize it across ranks; give the problems train_data_loaders "
+                "(sharded by the engine), or run one process"
+            )
+        for problem in self.problems:
+            setattr(env, problem.name, problem)
+        if callable(getattr(env, "configure_distributed_training", None)):
+            env.configure_distributed_training(
+                {"strategy": strategy, "backend": self.config.backend, "world_size": 1, "rank": 0, "local_rank": 0}
+            )
+        if callable(getattr(env, "configure_device", None)):
+            env.configure_device(self.device)
+        if callable(getattr(env, "initialize", None)):
+            env.initialize()
+        for problem in self.problems:
+            if problem.env is None:
+                problem.env = env
+
+    def set_dependency(self, dependencies: Mapping[str, Mapping[Any, Sequence[Any]]]) -> None:
+        """Replace the program's dependencies between steps (Betty's ``set_dependency``).
+
+        The graph is parsed and validated again (edges, levels, paths, and, once
+        training has begun, that every edge is used by a loss); steps traced for the
+        old graph are not reused (the dependency structure is in the trace key).
+        Local step counts, data positions and optimizer state carry on; readiness
+        starts afresh for new children, and ``roll_back`` follows the new parents.
+
+        Raises:
+            ProgramError: an invalid graph (the old one stays), or a call inside a step.
+        """
+        if self._stepping:
+            raise ProgramError("set_dependency() was called inside a train_step; call it between steps")
+        eager = self.config.compile == "eager"
+        deps, program = plan_program(self.problems, dependencies, eager)
+        if self._checked:  # otherwise the first step checks the new graph
+            check_program(program, self.problems, eager, True)
+        self.dependencies, self.program = deps, program
+        self._warn_undeclared = True
+        self.compiler.set_program(program)
+        self.runner.set_program(program, self.config.roll_back)
+        self.schedule.set_program(program)
+
+    def _check_training(self) -> None:
+        evaluating = sorted(n for n, p in self.program.problems.items() if not p._training)
+        if evaluating:
+            raise ProgramError(
+                f"problems {evaluating} are in evaluation mode (Problem.eval() or Engine.eval()) and cannot step "
+                "(Betty would update them without counting the step); call engine.train() first"
+            )
+
+    def _step_problem(self, name: str, global_step: int | None) -> None:
+        """``Problem.step``: one step of ``name`` in the schedule, all or nothing, checked first."""
+        if global_step is not None and global_step != self.global_step:
+            raise ProgramError(
+                f"problem {name!r}.step(global_step={global_step}) but the engine is at global step "
+                f"{self.global_step}; pass global_step=self.global_step (run() advances it) or leave it out"
+            )
+        with self.transaction():
+            self._check_program()
+            self._check_training()
+            outer, self._stepping = self._stepping, True
+            try:
+                self.schedule.step(name)
+            finally:
+                self._stepping = outer
+
+    def _log_problem(self, name: str, stats: Mapping[str, Any], global_step: int | None) -> None:
+        """``Problem.log``: a record tagged ``name`` at ``global_step`` (default: the engine's) and its local step."""
+        values = {k: float(v) if isinstance(v, (Tensor, int, float)) else v for k, v in stats.items()}
+        step = self.global_step if global_step is None else global_step
+        self._record({"tag": name, "step": step, "local_step": self.schedule.counters[name].count, **values})
+
     # -- public schedule ------------------------------------------------------------------
     def train_step(self) -> None:
         """Step every leaf problem once; uppers step when their children are ready (Betty).
@@ -95,6 +194,7 @@ class Engine:
         """
         with self.transaction():
             self._check_program()
+            self._check_training()
             self._stepping = True
             try:
                 for leaf in self.program.leaves:
@@ -156,7 +256,10 @@ class Engine:
         error, Ctrl-C) or saved mid-way and loaded continues to the end of that run.
         """
         self.train()
-        self._check_program()
+        if not self.is_implemented("train_step"):
+            # NOTE: an overridden train_step may prepare data first (Betty's env.step()): the check
+            # then runs at its first Problem.step, when the batches it looks at exist
+            self._check_program()
         if self._run_start is None:
             self._run_start = self.global_step
         end = self._run_start + self.config.train_iters
@@ -267,14 +370,14 @@ class Engine:
         return getattr(type(self), name, None) is not getattr(Engine, name, None)
 
     def train(self) -> None:
-        """Put every module in training mode."""
+        """Put every problem (and its module) in training mode."""
         for problem in self.program.problems.values():
-            problem.module.train()  # type: ignore[union-attr]  # attach_problems checked it
+            problem.train()
 
     def eval(self) -> None:
-        """Put every module in evaluation mode."""
+        """Put every problem (and its module) in evaluation mode."""
         for problem in self.program.problems.values():
-            problem.module.eval()  # type: ignore[union-attr]
+            problem.eval()
 
     def _validate(self) -> bool:
         self.eval()

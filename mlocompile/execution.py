@@ -95,6 +95,14 @@ class StepRunner:
             scaler = LossScaler(scale=cfg.initial_dynamic_scale if cfg.precision == "fp16" else 0.0)
             self.runs[name] = ProblemRun(roll_back=roll_back and bool(program.parents(name)), scaler=scaler)
 
+    def set_program(self, program: ProgramGraph, roll_back: bool) -> None:
+        """Run steps of ``program`` from now on (``Engine.set_dependency``): roll-back follows its parents."""
+        self.program = program
+        for name, run in self.runs.items():
+            run.roll_back = roll_back and bool(program.parents(name))
+            if not run.roll_back:
+                run.cache = None
+
     # -- inputs ---------------------------------------------------------------------------
     def inputs(self, name: str, batch: Any, acc: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """Gather the explicit inputs of ``name``'s step from the live objects."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -69,6 +70,10 @@ class Problem:
         self._init_source: Problem | None = None
         self._peers: tuple[str, ...] = ()
         self.device: torch.device | None = None
+        self.env: Any = None  # Betty's Env, set by the Engine (``Engine(env=...)``)
+        self._engine: Any = None  # the Engine this problem is attached to (set by attach_problems)
+        self._training = True  # Betty's flag: Problem.train()/eval()
+        self._manual: dict[str, list[Problem]] = {"parents": [], "children": []}  # add_parent/add_child
 
     # -- identity -------------------------------------------------------------------
     @property
@@ -149,6 +154,149 @@ class Problem:
         """Return whether this problem defines the method ``hook``."""
         return callable(getattr(self, hook, None))
 
+    # -- Betty's surface: the program graph, schedule and mode as Betty's Problem exposes them --
+    @property
+    def count(self) -> int:
+        """This problem's local step: how many times it has stepped (Betty's ``count``).
+
+        The schedule's counter: it advances on every local step (also while gradients
+        accumulate) and is what ``Config.unroll_steps`` and ``log_step`` count.
+        """
+        return 0 if self._engine is None else self._engine.schedule.counters[self._name].count
+
+    @property
+    def leaf(self) -> bool:
+        """Whether no problem is below this one (it steps on every ``train_step``)."""
+        return self._engine is not None and self._name in self._engine.program.leaves
+
+    @leaf.setter
+    def leaf(self, value: bool) -> None:
+        raise ProgramError(
+            f"problem {self._name!r}: leaf is derived from the dependencies here; change them with "
+            "engine.set_dependency(...) instead of setting leaf"
+        )
+
+    @property
+    def parents(self) -> list[Problem]:
+        """The problems directly above this one (its l2u targets), in declaration order."""
+        if self._engine is None:
+            return list(self._manual["parents"])
+        program = self._engine.program
+        return [program.problems[n] for n in program.parents(self._name)]
+
+    @property
+    def children(self) -> list[Problem]:
+        """The problems directly below this one (l2u sources into it), in declaration order."""
+        if self._engine is None:
+            return list(self._manual["children"])
+        program = self._engine.program
+        return [program.problems[n] for n in program.children(self._name)]
+
+    @property
+    def paths(self) -> list[list[Problem]]:
+        """This problem's hypergradient paths as Betty lists them: ``[self, ..., self]``.
+
+        A path ``self -u2l-> a -l2u-> b -l2u-> self`` is ``[self, b, a, self]``: from the
+        problem whose parameters this problem's loss uses back down to the u2l target,
+        then this problem again (Betty's ``find_paths``), e.g. ``[[outer, inner, outer]]``.
+        """
+        if self._engine is None:
+            return []
+        program = self._engine.program
+        return [
+            [self, *(program.problems[n] for n in reversed(path.chain)), self]
+            for path in program.paths.get(self._name, [])
+        ]
+
+    def add_child(self, problem: Problem) -> None:
+        """Record ``problem`` as directly below this one, before an Engine is built (Betty).
+
+        The Engine's ``dependencies`` must contain the edge (``"l2u": {problem: [self]}``).
+        """
+        self._add_relation("children", problem)
+
+    def add_parent(self, problem: Problem) -> None:
+        """Record ``problem`` as directly above this one, before an Engine is built (Betty).
+
+        The Engine's ``dependencies`` must contain the edge (``"l2u": {self: [problem]}``).
+        """
+        self._add_relation("parents", problem)
+
+    def _add_relation(self, kind: str, problem: Problem) -> None:
+        if self._engine is not None:
+            raise ProgramError(
+                f"problem {self._name!r} belongs to an Engine, which owns the dependency graph; change it "
+                "with engine.set_dependency({'u2l': ..., 'l2u': ...})"
+            )
+        if problem in self._manual[kind]:
+            raise ProgramError(f"problem {problem.name!r} is already one of the {kind} of {self._name!r}")
+        self._manual[kind].append(problem)
+
+    def is_rank_zero(self) -> bool:
+        """Whether this process is rank 0 (always, without ``strategy="distributed"``)."""
+        return self._engine is None or self._engine.rank == 0
+
+    def train(self) -> None:
+        """Put this problem in training mode: Betty's flag and ``module.train()``.
+
+        The mode is part of what a traced step read, so a change traces the step again.
+        """
+        self._training = True
+        if self.module is not None:
+            self.module.train()
+
+    def eval(self) -> None:
+        """Put this problem in evaluation mode: Betty's flag and ``module.eval()``.
+
+        An Engine refuses to step a problem in evaluation mode (Betty would run its
+        update without counting it); call ``train()`` (or ``engine.train()``) first.
+        """
+        self._training = False
+        if self.module is not None:
+            self.module.eval()
+
+    def step(self, global_step: int | None = None) -> None:
+        """Step this problem in Betty's schedule, as ``Engine.train_step`` does for each leaf.
+
+        For an overridden ``Engine.train_step`` (``for leaf in self.leaves:
+        leaf.step(global_step=self.global_step)``): the problem steps if its lower
+        problems are ready, and triggers its uppers after its unroll window, all as
+        one all-or-nothing step. ``global_step``, if given, must be the engine's.
+        """
+        if self._engine is None:
+            raise ProgramError(f"problem {self._name!r} is not attached to an Engine; build Engine(problems=...) first")
+        self._engine._step_problem(self._name, global_step)
+
+    def log(self, stats: Mapping[str, Any], global_step: int | None = None) -> None:
+        """Record ``stats`` for this problem in the engine's history and metric files (Betty's ``log``).
+
+        The record is tagged with the problem's name, at ``global_step`` (the engine's
+        global step when None) and this problem's local step.
+        """
+        if self._engine is None:
+            raise ProgramError(f"problem {self._name!r}: log() needs an Engine to record into")
+        self._engine._log_problem(self._name, stats, global_step)
+
+    def _overrides_get_batch(self) -> bool:
+        return type(self).get_batch is not Problem.get_batch
+
+    def _peek_user_batch(self) -> Any:
+        """Call the user's ``get_batch()`` twice (torch's RNG restored) and return the batch; it must not consume data."""
+        rng = torch.get_rng_state()
+        try:
+            first, second = self.get_batch(), self.get_batch()
+        finally:
+            torch.set_rng_state(rng)
+        if not _same_batch(first, second):
+            raise ProgramError(
+                f"problem {self._name!r} has no train_data_loader and its get_batch() returned different batches "
+                "on two calls. Before its first step the engine looks at a batch (to check which problems each "
+                "loss uses) by calling get_batch(), so without a loader it must return the current batch without "
+                "consuming data (as Betty's Env pattern does: return self.env.batch[...]); give a "
+                "train_data_loader for data that a call should consume"
+            )
+        return first
+
     # -- data -------------------------------------------------------------------------
     def peek_batch(self) -> Any:
         """Return the last batch, or the one ``get_batch`` would return now, changing nothing.
@@ -158,6 +306,8 @@ class Problem:
         """
         if self.cur_batch is not None:
             return self.cur_batch
+        if self.train_data_loader is None and self._overrides_get_batch():
+            return self._peek_user_batch()
         cursors = self._iterators if self._iterators is not None else [Cursor(ld) for ld in self._loaders()]
         try:
             batches = [cursor.peek() for cursor in cursors]
@@ -303,6 +453,25 @@ def _check_tensors(where: str, saved: Mapping[str, Any], live: Mapping[str, Any]
             )
 
 
+def _same_batch(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same structure and values."""
+    leaves_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    leaves_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            same = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+        else:
+            try:
+                same = x is y or bool(x == y)
+            except (TypeError, ValueError, RuntimeError):  # e.g. a numpy array: compared by identity only
+                same = False
+        if not same:
+            return False
+    return True
+
+
 def attach_problems(problems: Sequence[Problem], owner: object) -> None:
     """Wire a program's problems: build modules/optimizers/schedulers from their ``configure_*``
     hooks, and make every problem an attribute of ``owner`` (the Engine) and of each other.
@@ -325,9 +494,12 @@ def attach_problems(problems: Sequence[Problem], owner: object) -> None:
             raise ProgramError(f"problem name {name!r} clashes with an Engine attribute; rename the problem")
         setattr(owner, name, problem)
         problem._peers = tuple(n for n in names if n != name)
+        problem._engine = owner
+        if problem.device is None:
+            problem.device = _module_device(problem.module)
         for other in problems:
             if other is not problem:
-                if hasattr(type(other), name):
+                if hasattr(type(other), name) or not isinstance(vars(other).get(name, problem), Problem):
                     raise ProgramError(f"problem name {name!r} clashes with an attribute of {other.name!r}; rename it")
                 setattr(other, name, problem)
     _check_own_parameters(problems)
@@ -387,5 +559,44 @@ def _peek_or_restart(cursor: Cursor, name: str) -> Any:
             raise ProgramError(f"train_data_loader of problem {name!r} yields no batches") from None
 
 
+def _module_device(module: nn.Module | None) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for one with neither)."""
+    tensors = [] if module is None else [*module.parameters(), *module.buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
 ImplicitProblem = Problem
-IterativeProblem = Problem
+
+
+class IterativeProblem(Problem):
+    """Betty's ``IterativeProblem``: a problem differentiated through its unrolled steps (``type="itd"``).
+
+    Here every problem is the same class and ``Config.type`` picks the method, so this
+    is a ``Problem`` whose config says ``type="itd"``: ``config=None`` and Betty's default
+    ``type="darts"`` become ``"itd"`` (on a copy: the given ``Config`` is not changed);
+    ``"neumann"`` or ``"cg"`` contradict the class and raise ``ProgramError``.
+    ``HigherIterativeProblem`` (Betty's ``higher``-based variant) is the same class.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: Config | None = None,
+        module: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        train_data_loader: Any = None,
+        extra_config: Any = None,
+    ) -> None:
+        config = Config() if config is None else config
+        if config.type not in ("darts", "itd"):
+            raise ProgramError(
+                f"problem {name!r}: an IterativeProblem is differentiated through its unrolled steps "
+                f"(type='itd'), but its Config says type={config.type!r}; use ImplicitProblem for "
+                f"type={config.type!r}, or drop the type"
+            )
+        config = dataclasses.replace(config, type="itd")
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, extra_config)
+
+
+HigherIterativeProblem = IterativeProblem

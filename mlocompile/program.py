@@ -57,6 +57,7 @@ class ProgramGraph:
     plans: dict[str, list[VjpOp]] = field(default_factory=dict)
     path_ends: dict[str, list[int]] = field(default_factory=dict)
     _memo: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
+    _structure: tuple[Any, ...] | None = field(default=None, repr=False)
 
     # -- queries ----------------------------------------------------------------------
     def edges(self, kind: str) -> list[tuple[str, str]]:
@@ -80,6 +81,18 @@ class ProgramGraph:
     def level(self, name: str) -> int:
         """Level of a problem: 0 for leaves, 1 + the highest child level otherwise."""
         return int(self.graph.nodes[name]["level"])
+
+    def structure(self) -> tuple[Any, ...]:
+        """The dependency structure as a hashable key: typed edges, paths and VJP plans.
+
+        A traced step is valid for one structure (``Engine.set_dependency`` changes it);
+        computed once, after the program passes have filled paths and plans.
+        """
+        if self._structure is None:
+            paths = tuple((u, tuple((p.upper, p.chain) for p in ps)) for u, ps in self.paths.items())
+            plans = tuple((u, tuple(plan)) for u, plan in self.plans.items())
+            self._structure = (tuple(self.edges("u2l")), tuple(self.edges("l2u")), paths, plans)
+        return self._structure
 
     @property
     def leaves(self) -> list[str]:

@@ -43,6 +43,16 @@ class Schedule:
         self._start, self._step, self._redo = start, step, redo
         self.counters = {n: Counters(ready={c: False for c in program.children(n)}) for n in program.problems}
 
+    def set_program(self, program: ProgramGraph) -> None:
+        """Follow a new dependency graph over the same problems (``Engine.set_dependency``).
+
+        Local step counts and window starts carry on (as in Betty); readiness is kept
+        for children that remain and starts False for new ones.
+        """
+        self.program = program
+        for name, own in self.counters.items():
+            own.ready = {c: own.ready.get(c, False) for c in program.children(name)}
+
     def window_ends(self, name: str) -> bool:
         """Whether ``name``'s local step just completed an unroll window (past warm-up)."""
         cfg, count = self.program.problems[name].config, self.counters[name].count
