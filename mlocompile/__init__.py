@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlocompile.config import Config, EngineConfig
 from mlocompile.decorator import problem
+from mlocompile.env import Env
 from mlocompile.errors import (
     CheckpointError,
     CliError,
@@ -47,7 +48,6 @@ from mlocompile.errors import (
     RenderError,
     TraceError,
 )
-from mlocompile.env import Env
 from mlocompile.problem import HigherIterativeProblem, ImplicitProblem, IterativeProblem, Problem
 
 if TYPE_CHECKING:

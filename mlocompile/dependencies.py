@@ -145,7 +145,7 @@ def check_declared_relations(program: ProgramGraph) -> None:
                     lower, upper = (name, other.name) if kind == "parents" else (other.name, name)
                     raise ProgramError(
                         f"{upper!r} was added as a parent of {lower!r} (add_child/add_parent), but dependencies "
-                        f"has no l2u edge {lower} -> {upper}; declare it: \"l2u\": {{{lower}: [{upper}]}}"
+                        f'has no l2u edge {lower} -> {upper}; declare it: "l2u": {{{lower}: [{upper}]}}'
                     )
         problem._manual = {"parents": [], "children": []}
 

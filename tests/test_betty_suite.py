@@ -309,7 +309,9 @@ def test_engine_program_equals_betty(backend: str, _float64: None) -> None:
     class BInner(InnerLoss, BImplicitProblem):
         pass
 
-    lib_b = SimpleNamespace(Config=BConfig, EngineConfig=BEngineConfig, Engine=BEngine, engine_kwargs={"strategy": "cpu"})
+    lib_b = SimpleNamespace(
+        Config=BConfig, EngineConfig=BEngineConfig, Engine=BEngine, engine_kwargs={"strategy": "cpu"}
+    )
     lib_m = SimpleNamespace(
         Config=Config,
         EngineConfig=EngineConfig,

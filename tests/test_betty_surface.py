@@ -113,7 +113,11 @@ def run_maml(lib: SimpleNamespace, iters: int, inner_type: str = "darts") -> tup
         env=env,
     )
     engine.run()
-    params = {f"{n}.{k}": v.detach().clone() for n, p in (("outer", outer), ("inner", inner)) for k, v in p.module.named_parameters()}
+    params = {
+        f"{n}.{k}": v.detach().clone()
+        for n, p in (("outer", outer), ("inner", inner))
+        for k, v in p.module.named_parameters()
+    }
     return params, engine
 
 
@@ -129,11 +133,19 @@ def test_imaml_env_equals_betty(backend: str) -> None:
 
     iters = 4 * K * 2  # four outer updates (gradient_accumulation=2)
     betty = SimpleNamespace(
-        Config=BConfig, EngineConfig=BEngineConfig, Engine=BEngine, Env=BEnv, ImplicitProblem=BImplicitProblem,
+        Config=BConfig,
+        EngineConfig=BEngineConfig,
+        Engine=BEngine,
+        Env=BEnv,
+        ImplicitProblem=BImplicitProblem,
         engine_kwargs={"strategy": "cpu"},
     )
     ours = SimpleNamespace(
-        Config=Config, EngineConfig=EngineConfig, Engine=Engine, Env=Env, ImplicitProblem=ImplicitProblem,
+        Config=Config,
+        EngineConfig=EngineConfig,
+        Engine=Engine,
+        Env=Env,
+        ImplicitProblem=ImplicitProblem,
         engine_kwargs={"compile": backend, "progress": False},
     )
     ref, _ = run_maml(betty, iters)
@@ -263,7 +275,11 @@ def chain_engine(mods: Any, data: dict[str, list[Any]], deps: Any, backend: str,
 
 
 def params_of(engine: Engine) -> dict[str, Tensor]:
-    return {f"{n}.{k}": v.detach().clone() for n, p in engine.program.problems.items() for k, v in p.module.named_parameters()}
+    return {
+        f"{n}.{k}": v.detach().clone()
+        for n, p in engine.program.problems.items()
+        for k, v in p.module.named_parameters()
+    }
 
 
 @pytest.mark.filterwarnings("ignore:the training_step of")
@@ -315,8 +331,12 @@ def test_set_dependency_rejects_a_bad_graph_and_keeps_the_old() -> None:
 # -- attributes -----------------------------------------------------------------------------------
 def small_engine(**cfg: Any) -> Engine:
     torch.manual_seed(0)
-    net, wnet = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.0), nn.Linear(8, 3)), nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 1))
+    net, wnet = (
+        nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.0), nn.Linear(8, 3)),
+        nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 1)),
+    )
     data = chain_data()
+
     class Meta(ImplicitProblem):
         def training_step(self, batch: Any) -> Tensor:
             x, y = batch
