@@ -34,12 +34,6 @@ REFUSED_PROBLEM_HOOKS: dict[str, str] = {
         "is used as it is: build it over the groups (e.g. return torch.optim.SGD(groups, lr=...) from "
         "configure_optimizer) and rename the method (e.g. _param_groups) so it is not mistaken for Betty's hook"
     ),
-    "get_batch": (
-        "with a train_data_loader the engine reads batches from the loader (it peeks at them, checkpoints and "
-        "restores the position), so an override would be bypassed; either drop the loader (then get_batch() "
-        "supplies every batch and must return the current one without consuming data when called twice, as "
-        "Betty's Env pattern does) or drop the override"
-    ),
     "get_batch_single_loader": "pass train_data_loader= (any re-iterable of batches); the engine iterates it",
     "validation_step": (
         "Betty 0.2.1 never calls it either; validation runs in your Engine subclass's validation(), every "
@@ -167,8 +161,6 @@ def check_problem_hooks(problems: Iterable[Problem]) -> None:
     for problem in problems:
         where = f"problem {problem.name!r} ({type(problem).__name__})"
         for name, fix in REFUSED_PROBLEM_HOOKS.items():
-            if name == "get_batch" and problem.train_data_loader is None:
-                continue  # no loader: the user's get_batch() supplies every batch (Betty's Env pattern)
             if user_defined(problem, name, Problem):
                 raise ProgramError(f"{where} defines {name}(), which is not supported: {fix}")
         for name, example in CALLBACKS.items():

@@ -383,11 +383,22 @@ def test_refused_problem_hook_is_an_error_at_build(hook):
     assert compat.REFUSED_PROBLEM_HOOKS[hook] in str(err.value)
 
 
+def test_overridden_problem_train_is_called_by_the_engine():
+    calls = []
+
+    def train(self):
+        calls.append(self.name)
+        mlo.Problem.train(self)
+
+    run_program(OURS, _program_with("train", train), {"progress": False})
+    assert "inner" in calls  # Engine.run() -> Engine.train() -> every Problem.train()
+
+
 def test_every_overridable_betty_problem_method_is_honoured_or_refused():
     honoured = {
         "training_step", "forward", "configure_train_data_loader", "configure_module", "configure_optimizer",
         "configure_scheduler", "on_inner_loop_start", "grad_callback", "param_callback", "epoch_callback",
-        "state_dict", "load_state_dict", "is_implemented",
+        "state_dict", "load_state_dict", "is_implemented", "train", "eval", "get_batch",
     }  # fmt: skip
     # Betty's own methods that are a library surface (called by users, not overridden for behaviour)
     surface = {
