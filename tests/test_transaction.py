@@ -221,18 +221,25 @@ TRIALS = 20
 
 
 def _interrupt(proc: subprocess.Popen, rng: random.Random) -> list[int]:
-    """Send SIGINT at random times until TRIALS checkpoints were saved; return their global steps."""
+    """Send SIGINT at random times until TRIALS checkpoints were saved; return their global steps.
+
+    The waits start at 10-150 ms and double after each interrupt that found the child at
+    the step of the one before (a loaded machine steps slower), so the checkpoints spread.
+    """
     assert proc.stdout is not None
     steps: list[int] = []
+    scale = 1.0
     deadline = time.monotonic() + 240
     assert proc.stdout.readline().strip() == "ready"
     while len(steps) < TRIALS and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.01, 0.15))
+        time.sleep(scale * rng.uniform(0.01, 0.15))
         proc.send_signal(signal.SIGINT)
         line = proc.stdout.readline()
         if not line or line.strip() == "done":
             break
         steps.append(json.loads(line)["step"])
+        if len(steps) > 1 and steps[-1] == steps[-2]:
+            scale = min(2 * scale, 8.0)
     return steps
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
 
 import numpy as np
@@ -81,19 +82,39 @@ def build(method: str = "darts", backend: str = "fx", **engine_kw) -> Run:
 
 
 def _child(method: str, backend: str, iters: int, prefix: str) -> None:
-    """Train, saving a checkpoint at every Ctrl-C and going on; the parent interrupts at random times."""
+    """Train, saving a checkpoint at every Ctrl-C and going on; the parent interrupts at random times.
+
+    A Ctrl-C interrupts ``engine.run()`` only: one that lands while a checkpoint is written
+    or between two runs is held and interrupts the next run before its first step (so
+    it checkpoints the same step again) instead of killing the process.
+    """
     engine = build(method, backend, train_iters=iters)
     engine.compile()  # traces every step first (it consumes no data and no random numbers)
+    state = {"running": False, "pending": False}
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if not state["running"]:
+            state["pending"] = True
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     print("ready", flush=True)
     saved = 0
     while True:
         try:
+            state["running"] = True
+            if state["pending"]:
+                state["pending"] = False
+                raise KeyboardInterrupt
             engine.run()
+            state["running"] = False
             break
         except KeyboardInterrupt:
+            state["running"] = False
             engine.save(f"{prefix}{saved}.pt")
-            print(json.dumps({"saved": saved, "step": engine.global_step}), flush=True)
             saved += 1
+            print(json.dumps({"saved": saved - 1, "step": engine.global_step}), flush=True)
     engine.save(f"{prefix}final.pt")
     print("done", flush=True)
 
