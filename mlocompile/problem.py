@@ -62,7 +62,7 @@ class Problem:
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.train_data_loader = train_data_loader
+        self._train_data_loader = train_data_loader
         self.cur_batch: Any = None
         self.epoch_counter: list[int] = []
         self._iterators: list[Cursor] | None = None  # started by the Engine (Betty: at build)
@@ -298,6 +298,25 @@ class Problem:
         return first
 
     # -- data -------------------------------------------------------------------------
+    @property
+    def train_data_loader(self) -> Any:
+        """The training data: a re-iterable of batches (or a tuple of them), or None.
+
+        Assigning a new loader once the data has started (the Engine starts it when it
+        is built) starts over on the new loader: fresh iterators, created at the
+        assignment, as the Engine would have created them (Betty would keep drawing from
+        the old loader's iterator until it ran out).
+        """
+        return self._train_data_loader
+
+    @train_data_loader.setter
+    def train_data_loader(self, loader: Any) -> None:
+        self._train_data_loader = loader
+        if getattr(self, "_iterators", None) is not None:
+            self._iterators = None
+            if loader is not None:
+                self._start_data()
+
     def peek_batch(self) -> Any:
         """Return the last batch, or the one ``get_batch`` would return now, changing nothing.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import linecache
 import operator
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ except ImportError:  # optree missing or too old: the pure-Python pytree, same r
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.overrides import TorchFunctionMode
 
 from mlocompile.errors import MLOError, TraceError
 from mlocompile.functional import reads_a_value
@@ -194,7 +197,8 @@ def trace_step(
             if dynamic:
                 gm, fakes = _trace_symbolic(pure, flat.tensors, dynamic)
             else:
-                gm, fakes = make_fx(pure, tracing_mode="real")(*[t.detach() for t in flat.tensors]), None
+                with one_meta_mode():
+                    gm, fakes = make_fx(pure, tracing_mode="real")(*[t.detach() for t in flat.tensors]), None
     except MLOError:
         raise
     except RuntimeError as exc:
@@ -246,9 +250,55 @@ def _trace_symbolic(
         sizes = [DimDynamic.DYNAMIC if (i, d) in dynamic else DimDynamic.STATIC for d in range(t.dim())]
         context: Any = StatelessSymbolicContext(dynamic_sizes=sizes)  # type: ignore[arg-type]
         fakes.append(mode.from_tensor(t.detach(), source=LocalSource(f"t{i}"), symbolic_context=context))
-    gm = make_fx(fn, tracing_mode="symbolic")(*fakes)
+    with _FlatLinear():
+        gm = make_fx(fn, tracing_mode="symbolic")(*fakes)
     gm.meta["mlo.dynamic"] = True
     return gm, fakes
+
+
+@contextmanager
+def one_meta_mode() -> Iterator[None]:
+    """Give a real-mode make_fx one fake mode for the ``val`` metadata of all its nodes.
+
+    Without an ambient fake mode, make_fx builds a new ``FakeTensorMode`` for every
+    node it records, and each captures a Python stack trace: about a quarter of the
+    time of tracing a large step (35,000 nodes of a DARTS supernet). The mode is
+    offered the way a compiler driving make_fx offers one (``TracingContext``); only
+    the metadata uses it, the trace runs on the real tensors.
+    """
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if TracingContext.try_get() is not None:
+        yield
+        return
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
+        yield
+
+
+class _FlatLinear(TorchFunctionMode):
+    """``F.linear`` on inputs of more than 2 dims, as the aten ops ``at::linear`` itself runs.
+
+    Under ``torch.func.grad``, ``at::linear`` reads a 3-D input's sizes as integers,
+    which fixes a symbolic sequence length (every ``nn.Linear`` of a transformer
+    would retrace per length). The same computation written here keeps it symbolic:
+    a contiguous input with a bias is flattened to 2-D for one ``addmm`` and viewed
+    back, anything else is ``matmul`` with the transposed weight plus the bias, which
+    are the ops (and so the numbers) ``at::linear`` produces.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear or func is torch._C._nn.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(x, torch.Tensor) and x.dim() > 2:
+                if bias is not None and x.is_contiguous():
+                    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t())
+                    return out.view(*x.shape[:-1], weight.shape[0])
+                out = torch.matmul(x, weight.t())
+                return out if bias is None else out + bias
+        return func(*args, **kwargs)
 
 
 def find_used_parameters(
@@ -270,7 +320,7 @@ def find_used_parameters(
     flat = [params[p][k].detach() for p, k in names]
     rng = torch.get_rng_state()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), one_meta_mode():
             gm = make_fx(loss_fn, tracing_mode="real")(*flat)
     except MLOError:
         raise
