@@ -144,15 +144,17 @@ def _corpus_batches(model: corpus.Model, shapes: list[tuple[int, int]], seed: in
     return out
 
 
+# NOTE: nn.LSTM is not here: its C++ backward reads batch size and length as integers under symbolic
+# tracing, so it traces once per shape (exact; the warning at the ninth shape says so). Nor are the
+# neumann/cg/itd upper steps of the conv nets: PyTorch's convolution double backward reads the batch size
 @pytest.mark.parametrize(
-    ("name", "vary_length"),
-    # NOTE: nn.LSTM is not here: its C++ backward reads batch size and length as integers under
-    # symbolic tracing, so it traces once per shape (exact; the warning at the ninth shape says so)
-    [("conv_bn_dropout", False), ("resnet", False), ("transformer", True)],
+    ("name", "vary_length", "method"),
+    [
+        ("conv_bn_dropout", False, "darts"),
+        ("resnet", False, "darts"),
+        *(("transformer", True, method) for method in ("darts", "neumann", "cg", "itd")),
+    ],
 )
-# NOTE: under cg the upper step of these conv nets specializes its sizes (exact, but one trace per shape):
-# open work, see the README
-@pytest.mark.parametrize("method", ["darts"])
 def test_real_models_with_varying_batches_and_lengths(name, vary_length, method):
     model = corpus.MODELS[name]
     shapes = [(8, 5), (8, 5), (6, 4 if vary_length else 5), (5, 7 if vary_length else 5), (7, 3), (4, 6), (3, 5)]
