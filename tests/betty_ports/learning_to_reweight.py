@@ -263,9 +263,10 @@ def build(
     save_dir: str | None = None,
     num_blocks: tuple[int, int, int] = (1, 1, 1),
     width: int = 4,
+    rollback: bool = False,
 ) -> Any:
-    """The example's program under ``lib``; returns the Engine (not yet run)."""
-    args = ARGS
+    """The example's program under ``lib``; returns the Engine (not yet run). ``rollback``: ``--rollback``."""
+    args = SimpleNamespace(**{**vars(ARGS), "rollback": rollback})
     set_seed(args.seed)
 
     (
