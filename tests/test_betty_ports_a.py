@@ -122,6 +122,7 @@ def run_timed(build: Callable[[], Any], label: str) -> tuple[Any, float, float]:
     engine.train_step = timed_step
     engine.run()
     total = time.perf_counter() - t0
+    assert len(ends) == STEPS
     durations = [b - a for a, b in zip([t0, *ends[:-1]], ends, strict=True)][1:]
     slowest = max(range(len(durations)), key=durations.__getitem__)
     print(
