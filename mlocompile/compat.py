@@ -185,13 +185,19 @@ def _takes_one_argument(fn: Any) -> bool:
 def check_first_order(program: ProgramGraph) -> None:
     """Refuse ``first_order=False`` on a problem that has a lower problem (where Betty reads it).
 
+    Accepted when every lower is ``type="itd"`` (an ``IterativeProblem``): there Betty's
+    ``first_order=False`` means differentiating through the lowers' unrolls, which is what
+    ``itd`` does (Betty's own ``logistic_regression.py`` example sets it on its parent).
+
     Raises:
         ProgramError: naming the problem, what Betty does with the setting, and the two ways
             to get either meaning here.
     """
     for name, problem in program.problems.items():
         lowers = sorted({p.chain[0] for p in program.paths.get(name, [])} | set(program.children(name)))
-        if problem.config.first_order is False and lowers:
+        if all(program.problems[lower].config.type == "itd" for lower in lowers):
+            continue  # Betty's meaning (through the unrolls) is itd's
+        if problem.config.first_order is False:
             raise ProgramError(
                 f"Config of problem {name!r}: first_order=False is not supported. In Betty 0.2.1 it drops "
                 f"{name!r}'s hypergradient when its lowers {lowers} are ImplicitProblems (only its direct "

@@ -45,9 +45,10 @@ class Config:
             uppers step; ``itd`` differentiates through all of them. Default: ``1``.
             Betty: same. Read by: the schedule (every method and backend); ``itd`` replays
             that many steps.
-        first_order: Must stay ``True`` on a problem that has a lower problem; ``False``
-            raises ProgramError at Engine construction (on a problem without lowers Betty
-            reads it nowhere, so it is accepted there). Default: ``True``. Betty: set on an
+        first_order: Must stay ``True`` on a problem that has a lower problem that is not
+            ``type="itd"``; ``False`` raises ProgramError at Engine construction there (on a
+            problem without lowers Betty reads it nowhere, and on one whose lowers are all
+            ``itd`` it means what ``itd`` does, so it is accepted). Default: ``True``. Betty: set on an
             upper, ``False`` drops that upper's hypergradient when its lowers are
             ``ImplicitProblem`` (only its direct gradient is applied: tested against Betty)
             and differentiates through their unroll when they are ``IterativeProblem``;
