@@ -242,7 +242,7 @@ def build(lib: SimpleNamespace, train_iters: int = 1000, engine_config: dict[str
 
         def reg_loss(self):
             loss = 0
-            for (n1, p1), (n2, p2) in zip(self.module.named_parameters(), self.pretrain.module.named_parameters()):
+            for (n1, p1), (n2, p2) in zip(self.module.named_parameters(), self.pretrain.module.named_parameters()):  # noqa: B007
                 lam = 0 if "fc" in n1 else args.lam
                 loss = loss + lam * (p1 - p2).pow(2).sum()
             return loss
@@ -273,7 +273,7 @@ def build(lib: SimpleNamespace, train_iters: int = 1000, engine_config: dict[str
 
         def reg_loss(self):
             loss = 0
-            for (n1, p1), (n2, p2) in zip(
+            for (n1, p1), (n2, p2) in zip(  # noqa: B007 (as in the example)
                 self.finetune.module.named_parameters(), self.pretrain.module.named_parameters()
             ):
                 lam = 0 if "fc" in n1 else args.lam
@@ -323,8 +323,8 @@ def build(lib: SimpleNamespace, train_iters: int = 1000, engine_config: dict[str
         **{"valid_step": args.valid_step, "train_iters": train_iters, "roll_back": False, **(engine_config or {})}
     )
 
-    # the modules are built by configure_module in construction order; build them in a fixed
-    # order (seeded) so that both libraries get the same weights whatever order they call the hooks in
+    # the modules come from the configure_module hooks, called when the Engine initialises the
+    # problems; both libraries call them in this order (the test checks equal initial weights)
     reweight = Reweighting(name="reweight", config=reweight_config)
     finetune = Finetuning(name="finetune", config=finetune_config)
     pretrain = Pretraining(name="pretrain", config=pretrain_config)
