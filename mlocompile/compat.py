@@ -29,11 +29,6 @@ REFUSED_PROBLEM_HOOKS: dict[str, str] = {
         "grad_callback(self, grads) -> grads, parameters in param_callback(self, params) -> params, "
         "or use a supported optimizer"
     ),
-    "param_groups": (
-        "Betty rebuilds the optimizer from param_groups() and optimizer.defaults; here the optimizer you give "
-        "is used as it is: build it over the groups (e.g. return torch.optim.SGD(groups, lr=...) from "
-        "configure_optimizer) and rename the method (e.g. _param_groups) so it is not mistaken for Betty's hook"
-    ),
     "get_batch_single_loader": "pass train_data_loader= (any re-iterable of batches); the engine iterates it",
     "validation_step": (
         "Betty 0.2.1 never calls it either; validation runs in your Engine subclass's validation(), every "
@@ -163,6 +158,8 @@ def check_problem_hooks(problems: Iterable[Problem]) -> None:
         for name, fix in REFUSED_PROBLEM_HOOKS.items():
             if user_defined(problem, name, Problem):
                 raise ProgramError(f"{where} defines {name}(), which is not supported: {fix}")
+        if user_defined(problem, "param_groups", Problem):
+            check_param_groups(problem, where)
         for name, example in CALLBACKS.items():
             if problem.is_implemented(name) and not _takes_one_argument(getattr(problem, name)):
                 raise ProgramError(
@@ -170,6 +167,60 @@ def check_problem_hooks(problems: Iterable[Problem]) -> None:
                     f".data). Here {name} is traced into the step and is functional: it takes a dict of tensors "
                     f"keyed by parameter name and returns the new dict:\n    {example}"
                 )
+
+
+def check_param_groups(problem: Problem, where: str) -> None:
+    """Honour Betty's ``param_groups()`` hook where Betty's rebuilt optimizer is the one given.
+
+    Betty replaces the optimizer by ``type(opt)(problem.param_groups(), **opt.defaults)`` (and
+    rebuilds the scheduler over it from step 0); here the optimizer is used as given, which
+    is the same optimizer when every group holds the same parameters, in the same order, with
+    the same hyperparameters (a group's own value, else ``opt.defaults``'). Betty's
+    learning-by-ignoring example is such a program: its hook returns the groups its
+    ``configure_optimizer`` built.
+
+    Raises:
+        ProgramError: the hook's groups differ from the optimizer's, saying where.
+    """
+    opt = problem.optimizer
+    groups: list[Any] = list(problem.param_groups())  # type: ignore[attr-defined]
+    if groups and isinstance(groups[0], torch.Tensor):  # a plain parameter list: one group of defaults
+        groups = [{"params": groups}]
+    given = [] if opt is None else opt.param_groups
+    diff = None
+    if opt is None:
+        diff = "the problem has no optimizer"
+    elif len(groups) != len(given):
+        diff = f"param_groups() returns {len(groups)} groups, the optimizer has {len(given)}"
+    for i, (group, have) in enumerate(zip(groups, given)):
+        if diff is not None:
+            break
+        group = dict(group) if isinstance(group, Mapping) else {"params": group}
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        if [id(p) for p in params] != [id(p) for p in have["params"]]:
+            diff = f"group {i} of param_groups() holds other parameters (or another order) than the optimizer's"
+            break
+        for key, default in opt.defaults.items():  # type: ignore[union-attr]
+            want = group.get(key, default)
+            # a scheduler built over the optimizer may have moved lr already (a warm-up from 0);
+            # Betty rebuilds it over the new optimizer from step 0, from the same initial lr
+            value = have.get("initial_lr", have.get(key)) if key == "lr" else have.get(key)
+            if key in have and not _same_value(want, value):
+                diff = f"group {i}: {key}={want!r} in Betty's rebuilt optimizer, {value!r} in the one given"
+                break
+    if diff is not None:
+        raise ProgramError(
+            f"{where} defines param_groups(), and Betty would replace its optimizer by "
+            f"type(optimizer)(param_groups(), **optimizer.defaults), which differs from the optimizer given "
+            f"({diff}); here the optimizer you give is used as it is: build it over the groups you mean "
+            "(e.g. return torch.optim.SGD(groups, lr=...) from configure_optimizer) and remove param_groups()"
+        )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and bool(torch.equal(a, b))
+    return bool(a == b)
 
 
 def _takes_one_argument(fn: Any) -> bool:

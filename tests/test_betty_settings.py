@@ -397,6 +397,7 @@ def test_overridden_problem_train_is_called_by_the_engine():
 def test_every_overridable_betty_problem_method_is_honoured_or_refused():
     honoured = {
         "training_step", "forward", "configure_train_data_loader", "configure_module", "configure_optimizer",
+        "param_groups",  # where Betty's rebuilt optimizer is the one given, else refused (test_betty_ports_b.py)
         "configure_scheduler", "on_inner_loop_start", "grad_callback", "param_callback", "epoch_callback",
         "state_dict", "load_state_dict", "is_implemented", "train", "eval", "get_batch",
     }  # fmt: skip
