@@ -1,10 +1,12 @@
 """Dependencies from use: which problems each loss calls, edges inferred from levels, and checks.
 
 A problem's loss *uses* another problem when that problem's parameters reach the
-loss: found by tracing the loss forward (``trace.find_used_parameters``), or under
-``compile="eager"`` by running it for real and recording which parameters reach
-torch functions (``FunctionalProgram.find_uses``), so ``.item()`` and Python
-control flow on values work there.
+loss: found by running it once for real, without gradients, and recording which
+parameters reach torch functions (``FunctionalProgram.find_uses``). That costs one
+forward: tracing the loss forward found the same set at the cost of a trace (a
+third of the time to the first step of a DARTS supernet). Under ``fx``/``inductor``
+a loss that reads a tensor's value (``.item()``) then fails when its step is traced,
+with the same ``TraceError``, before anything is updated.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from mlocompile.errors import ProgramError
 from mlocompile.functional import FunctionalProgram
 from mlocompile.problem import Problem
 from mlocompile.program import ProgramGraph, build_program
-from mlocompile.trace import find_used_parameters
 
 
 def declared_levels(problems: Sequence[Problem]) -> dict[str, int]:
@@ -30,15 +31,14 @@ def declared_levels(problems: Sequence[Problem]) -> dict[str, int]:
 def find_parameter_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[tuple[str, str]]]:
     """Evaluate every problem's loss once; return, per problem, the (problem, parameter) pairs it reads.
 
-    The loss is traced (forward only), or with ``eager`` (``compile="eager"``) run for real
-    while recording which tensors reach torch functions, so a loss with ``.item()`` or
-    Python control flow on values works there.
+    The loss runs for real (no gradients, randomness restored) while recording which
+    tensors reach torch functions; ``eager`` is accepted for the callers' symmetry and
+    changes nothing.
     """
     by_name = {p.name: p for p in problems}
     fp = FunctionalProgram(by_name)
     params, buffers = fp.read_params(), fp.read_buffers()
-    find = fp.find_uses if eager else lambda *a: find_used_parameters(fp, *a)
-    return {n: find(n, params, buffers, p.peek_batch()) for n, p in by_name.items()}
+    return {n: fp.find_uses(n, params, buffers, p.peek_batch()) for n, p in by_name.items()}
 
 
 def problem_uses(parameter_uses: dict[str, set[tuple[str, str]]]) -> dict[str, set[str]]:

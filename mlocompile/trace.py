@@ -18,6 +18,7 @@ try:  # NOTE: runs every step: the C++ pytree (optree) flattens ~3x and hashes s
 except ImportError:  # optree missing or too old: the pure-Python pytree, same results
     import torch.utils._pytree as pytree  # type: ignore[no-redef]
 from torch.fx import GraphModule
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.overrides import TorchFunctionMode
@@ -188,7 +189,10 @@ def trace_step(
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        with fx_traceback.preserve_node_meta():
+        # NOTE: lazy graph modules: every pass edits the graph and would regenerate Python code
+        # for it (~0.5 s per pass on a 17,000-node DARTS step); the backends build their own
+        # code from the final graph, and .code still works on demand
+        with fx_traceback.preserve_node_meta(), _use_lazy_graph_module(True):
             # NOTE: make_fx maps tensors to placeholders by identity; flatten_inputs has
             # already made every graph input a distinct tensor, and detach() keeps them apart.
             # functionalize: PyTorch's composite kernels write in place (LSTM cells add_,
@@ -299,39 +303,6 @@ class _FlatLinear(TorchFunctionMode):
                 out = torch.matmul(x, weight.t())
                 return out if bias is None else out + bias
         return func(*args, **kwargs)
-
-
-def find_used_parameters(
-    fp: Any, name: str, params: dict[str, Any], buffers: dict[str, Any], batch: Any
-) -> set[tuple[str, str]]:
-    """Return the (problem, parameter name) pairs whose tensors problem ``name``'s loss reads.
-
-    The loss alone is traced (forward only); a parameter counts as used when its input
-    has a user in the graph. Also checks the loss is a scalar.
-    """
-    names = [(p, k) for p, tensors in params.items() for k in tensors]
-
-    def loss_fn(*tensors: torch.Tensor) -> torch.Tensor:
-        rebuilt: dict[str, dict[str, torch.Tensor]] = {p: {} for p in params}
-        for (p, k), t in zip(names, tensors):
-            rebuilt[p][k] = t
-        return fp.loss(name, rebuilt, buffers, batch)[0]  # type: ignore[no-any-return]
-
-    flat = [params[p][k].detach() for p, k in names]
-    rng = torch.get_rng_state()
-    try:
-        with torch.no_grad(), one_meta_mode():
-            gm = make_fx(loss_fn, tracing_mode="real")(*flat)
-    except MLOError:
-        raise
-    except RuntimeError as exc:
-        if reads_a_value(str(exc)):
-            raise TraceError(f"the training_step of problem {name!r}: {_value_read_advice(exc)}") from exc
-        raise TraceError(f"tracing the training_step of problem {name!r} failed: {str(exc).splitlines()[0]}") from exc
-    finally:
-        torch.set_rng_state(rng)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return {pk for pk, node in zip(names, placeholders) if node.users}
 
 
 def _value_read_advice(exc: BaseException) -> str:
