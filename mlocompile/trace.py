@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import operator
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ try:  # NOTE: runs every step: the C++ pytree (optree) flattens ~3x and hashes s
     import torch.utils._cxx_pytree as pytree
 except ImportError:  # optree missing or too old: the pure-Python pytree, same results
     import torch.utils._pytree as pytree  # type: ignore[no-redef]
+import torch.fx.experimental.proxy_tensor as proxy_tensor
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -185,7 +188,7 @@ def trace_step(
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        with fx_traceback.preserve_node_meta():
+        with fx_traceback.preserve_node_meta(), _one_meta_fake_mode():
             # NOTE: make_fx maps tensors to placeholders by identity; flatten_inputs has
             # already made every graph input a distinct tensor, and detach() keeps them apart.
             # functionalize: PyTorch's composite kernels write in place (LSTM cells add_,
@@ -217,6 +220,34 @@ def trace_step(
     traced = TracedStep(gm, holder["spec"], title, dynamic=dynamic, shapes=flat.shapes(), fakes=fakes)
     traced.guard = shape_guard(traced)
     return traced
+
+
+@contextlib.contextmanager
+def _one_meta_fake_mode() -> Iterator[None]:
+    """Let a real-mode make_fx build every node's ``meta["val"]`` in one FakeTensorMode.
+
+    make_fx's ``extract_val`` makes a new ``FakeTensorMode(allow_fallback_kernels=True)`` for
+    every real tensor it records (torch 2.13: "TODO: ... maintain a per-trace FakeTensorMode"),
+    and the mode's constructor captures the whole Python stack (``traceback.extract_stack``,
+    with source lines): deep inside nested torch.func transforms and module calls that is
+    most of the trace's time (Betty's SANAS outer step: about half). The values are the same
+    fake tensors (shape, strides, dtype, device), made by one shared mode instead.
+    """
+    original = proxy_tensor.FakeTensorMode
+    shared: list[Any] = []
+
+    def per_trace(*args: Any, **kwargs: Any) -> Any:
+        if args or kwargs != {"allow_fallback_kernels": True}:
+            return original(*args, **kwargs)  # make_fx's fake and symbolic modes: as before
+        if not shared:
+            shared.append(original(allow_fallback_kernels=True))
+        return shared[0]
+
+    proxy_tensor.FakeTensorMode = per_trace  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        proxy_tensor.FakeTensorMode = original  # type: ignore[misc]
 
 
 def shape_guard(traced: TracedStep) -> Any:
@@ -270,7 +301,7 @@ def find_used_parameters(
     flat = [params[p][k].detach() for p, k in names]
     rng = torch.get_rng_state()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _one_meta_fake_mode():
             gm = make_fx(loss_fn, tracing_mode="real")(*flat)
     except MLOError:
         raise

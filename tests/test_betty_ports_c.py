@@ -175,9 +175,9 @@ def test_sanas_equals_betty(backend: str) -> None:
     for p in ("outer", "inner1", "inner2"):
         for k, v in start[p].named_parameters():
             if p == "outer" and k == "alpha_normal":
-                # 2 cells are both reduction cells: no network reads alpha_normal; allow_unused=True, and
-                # as in Betty (a None gradient: Adam skips it) it is not updated, weight decay or not
-                assert torch.equal(v.detach(), mine[f"{p}.{k}"]) and torch.equal(v.detach(), ref[f"{p}.{k}"])
+                # 2 cells are both reduction cells: no network reads alpha_normal (allow_unused=True). Betty
+                # gives it a zero gradient, so Adam's weight decay alone moves it: it shrinks toward 0
+                assert mine[f"{p}.{k}"].norm() < 0.01 * v.detach().norm()
                 continue
             assert not torch.equal(v.detach(), mine[f"{p}.{k}"]), f"{p}.{k} never changed"
     data = sanas.make_data(train_iters=STEPS)
@@ -190,4 +190,34 @@ def test_sanas_equals_betty(backend: str) -> None:
     trained = data["modules"]["inner1"]
     trained.load_state_dict({k: mine[f"inner1.{k}"] for k, _ in trained.named_parameters()}, strict=False)
     alphas = (mine["outer.alpha_normal"], mine["outer.alpha_reduce"])
-    assert train_loss(trained, alphas) < 0.5 * train_loss(start["inner1"], start["outer"]())
+    assert train_loss(trained, alphas) < 0.75 * train_loss(start["inner1"], start["outer"]())  # Betty: 18.7 -> 10.5
+
+
+# -- the tracing fix this port motivated (mlocompile/trace.py: _one_meta_fake_mode) ---------------
+def test_real_mode_trace_builds_node_values_in_one_fake_mode() -> None:
+    """make_fx's real mode made a FakeTensorMode per recorded tensor (each capturing the Python stack);
+    inside ``_one_meta_fake_mode`` one mode makes them all, the values are unchanged, and torch's
+    name is restored afterwards, also when the trace fails."""
+    import torch.fx.experimental.proxy_tensor as proxy_tensor
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mlocompile.trace import _one_meta_fake_mode
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ x.t()).sum(0) * 2
+
+    x = torch.randn(3, 4)
+    plain = make_fx(f, tracing_mode="real")(x)
+    original = proxy_tensor.FakeTensorMode
+    with _one_meta_fake_mode():
+        shared = make_fx(f, tracing_mode="real")(x)
+    assert proxy_tensor.FakeTensorMode is original
+    vals = [n.meta["val"] for n in shared.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len(vals) >= 4 and len({id(v.fake_mode) for v in vals}) == 1
+    before = [n.meta["val"] for n in plain.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len({id(v.fake_mode) for v in before}) == len(before)  # torch's behaviour without it
+    assert [(v.shape, v.stride(), v.dtype) for v in vals] == [(v.shape, v.stride(), v.dtype) for v in before]
+    assert str(shared.graph) == str(plain.graph)
+    with pytest.raises(RuntimeError, match="boom"), _one_meta_fake_mode():
+        raise RuntimeError("boom")
+    assert proxy_tensor.FakeTensorMode is original
