@@ -27,6 +27,7 @@ $(VENV)/.ready: pyproject.toml
 	  exit 1; }
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
+	$(BIN)/pip install -q --no-deps higher==0.2.1  # Betty's HigherIterativeProblem imports it (pure Python; --no-deps keeps our torch)
 	touch $@
 
 # The main job: Meta-Weight-Net on noisy long-tailed digits (3 seeds vs plain training), then one

@@ -100,7 +100,10 @@ def _autograd_message(problem: str, func: Any) -> str:
         "        return F.cross_entropy(self.module(x + delta), y)\n"
         "    g = torch.func.grad(attack_loss)(torch.zeros_like(x))   # instead of delta.requires_grad_() and "
         "torch.autograd.grad(loss, delta)\n"
-        "    x_adv = (x + eps * g.sign()).detach()"
+        "    x_adv = (x + eps * g.sign()).detach()\n"
+        "If the network has BatchNorm in train mode (its running statistics update in place), run it on "
+        "buffer copies made inside attack_loss: torch.func.functional_call(net, {k: b.clone() for k, b in "
+        "net.named_buffers()}, (x + delta,), strict=False); the attack's forwards then do not advance them."
     )
 
 
