@@ -268,16 +268,33 @@ def one_meta_mode() -> Iterator[None]:
     node it records, and each captures a Python stack trace: about a quarter of the
     time of tracing a large step (35,000 nodes of a DARTS supernet). The mode is
     offered the way a compiler driving make_fx offers one (``TracingContext``); only
-    the metadata uses it, the trace runs on the real tensors.
+    the metadata uses it, the trace runs on the real tensors. Each plain tensor a node
+    records gets its fake value directly (a meta tensor of the same sizes, strides and
+    dtype, on the real device) instead of through a fake ``empty_strided`` call: DARTS
+    port 21.8 s -> 18.7 s to the first step, learning-by-ignoring 20.0 s -> 14.4 s.
     """
     from torch._guards import TracingContext, tracing
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental import proxy_tensor
 
     if TracingContext.try_get() is not None:
         yield
         return
-    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
-        yield
+    mode = FakeTensorMode(allow_fallback_kernels=True)
+    original = proxy_tensor.extract_val
+
+    def extract_val(val: Any, include_real: bool = False) -> Any:
+        if type(val) is torch.Tensor and val.layout == torch.strided:
+            meta = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
+            return FakeTensor(mode, meta, val.device)
+        return original(val, include_real)
+
+    proxy_tensor.extract_val = extract_val
+    try:
+        with tracing(TracingContext(mode)):
+            yield
+    finally:
+        proxy_tensor.extract_val = original
 
 
 class _FlatLinear(TorchFunctionMode):

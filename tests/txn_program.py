@@ -101,20 +101,23 @@ def _child(method: str, backend: str, iters: int, prefix: str) -> None:
     signal.signal(signal.SIGINT, on_sigint)
     print("ready", flush=True)
     saved = 0
-    while True:
+    # NOTE: the loop tests the step, not a flag: a Ctrl-C that lands after run() returned but
+    # before the loop could tell must not start another run
+    while engine.global_step < iters:
         try:
             state["running"] = True
             if state["pending"]:
                 state["pending"] = False
                 raise KeyboardInterrupt
             engine.run()
-            state["running"] = False
-            break
         except KeyboardInterrupt:
             state["running"] = False
             engine.save(f"{prefix}{saved}.pt")
             saved += 1
             print(json.dumps({"saved": saved - 1, "step": engine.global_step}), flush=True)
+        finally:
+            state["running"] = False
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C sent as the run ended must not kill the exit
     engine.save(f"{prefix}final.pt")
     print("done", flush=True)
 
