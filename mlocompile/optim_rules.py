@@ -156,19 +156,29 @@ def _sgd_update(
     return torch.addcmul(param, grad, (-h["lr"]).to(dt)), out
 
 
+def _adam_moments(
+    param: Tensor, grad: Tensor, st: dict[str, Tensor], h: dict[str, Tensor], f: dict[str, bool]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """What Adam and RAdam do first, as torch does it: count the step, apply ``maximize`` and
+    weight decay, update both moment averages; return the (decayed) parameter and the new
+    ``step``/``exp_avg``/``exp_avg_sq`` state."""
+    step = st["step"] + 1
+    if f["maximize"]:
+        grad = -grad
+    param, grad = _decay(param, grad, h, f)
+    exp_avg = _lerp(st["exp_avg"], grad, 1 - h["beta1"])
+    exp_avg_sq = _ema_sq(st["exp_avg_sq"], grad, h["beta2"])
+    return param, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
 def _adam_update(
     param: Tensor, grad: Tensor, st: dict[str, Tensor], h: dict[str, Tensor], f: dict[str, bool]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mirror ``torch.optim.adam._single_tensor_adam`` (non-capturable) for one parameter."""
-    step = st["step"] + 1
+    param, out = _adam_moments(param, grad, st, h, f)
+    step, exp_avg, exp_avg_sq = out["step"], out["exp_avg"], out["exp_avg_sq"]
     lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
     dt = param.dtype
-    if f["maximize"]:
-        grad = -grad
-    param, grad = _decay(param, grad, h, f)
-    exp_avg = _lerp(st["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _ema_sq(st["exp_avg_sq"], grad, beta2)
-    out = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = _pow(1 - beta2**step, 0.5)
     second = exp_avg_sq
@@ -384,15 +394,10 @@ def _radam_update(
     are computed and selected, with the rectification's square root taken of a clamped
     argument, so the unselected side never puts a NaN into the derivative.
     """
-    step = st["step"] + 1
+    param, out = _adam_moments(param, grad, st, h, f)
+    step, exp_avg, exp_avg_sq = out["step"], out["exp_avg"], out["exp_avg_sq"]
     lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
     dt = param.dtype
-    if f["maximize"]:
-        grad = -grad
-    param, grad = _decay(param, grad, h, f)
-    exp_avg = _lerp(st["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _ema_sq(st["exp_avg_sq"], grad, beta2)
-    out = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     bias_correction2 = 1 - beta2**step
     corrected = exp_avg / (1 - beta1**step).to(dt)
     rho_inf = torch.full_like(beta2, 2.0) / (1 - beta2) - 1
