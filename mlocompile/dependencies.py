@@ -28,12 +28,11 @@ def declared_levels(problems: Sequence[Problem]) -> dict[str, int]:
     return {p.name: int(p.__dict__["level"]) for p in problems if p.__dict__.get("level") is not None}
 
 
-def find_parameter_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[tuple[str, str]]]:
+def find_parameter_uses(problems: Sequence[Problem]) -> dict[str, set[tuple[str, str]]]:
     """Evaluate every problem's loss once; return, per problem, the (problem, parameter) pairs it reads.
 
     The loss runs for real (no gradients, randomness restored) while recording which
-    tensors reach torch functions; ``eager`` is accepted for the callers' symmetry and
-    changes nothing.
+    tensors reach torch functions, under every ``compile`` mode.
     """
     by_name = {p.name: p for p in problems}
     fp = FunctionalProgram(by_name)
@@ -46,12 +45,12 @@ def problem_uses(parameter_uses: dict[str, set[tuple[str, str]]]) -> dict[str, s
     return {n: {p for p, _ in used} - {n} for n, used in parameter_uses.items()}
 
 
-def find_all_uses(problems: Sequence[Problem], eager: bool = False) -> dict[str, set[str]]:
+def find_all_uses(problems: Sequence[Problem]) -> dict[str, set[str]]:
     """Evaluate every problem's loss once and return, per problem, the other problems it uses."""
-    return problem_uses(find_parameter_uses(problems, eager))
+    return problem_uses(find_parameter_uses(problems))
 
 
-def infer_dependencies(problems: Sequence[Problem], eager: bool = False) -> dict[str, dict[str, list[str]]]:
+def infer_dependencies(problems: Sequence[Problem]) -> dict[str, dict[str, list[str]]]:
     """Infer u2l/l2u edges from traced use and declared levels.
 
     A higher-level problem used by a lower one's loss is a u2l edge; a lower one used
@@ -65,7 +64,7 @@ def infer_dependencies(problems: Sequence[Problem], eager: bool = False) -> dict
             "@mlocompile.problem(level=...) (0 = lowest) so edges can be inferred"
         )
     deps: dict[str, dict[str, list[str]]] = {"u2l": {}, "l2u": {}}
-    for user, used in find_all_uses(problems, eager).items():
+    for user, used in find_all_uses(problems).items():
         for other in sorted(used):
             if levels[other] == levels[user]:
                 raise ProgramError(
@@ -120,12 +119,12 @@ def check_uses(program: ProgramGraph, uses: dict[str, set[str]]) -> None:
             )
 
 
-def plan_program(problems: Sequence[Problem], dependencies: Any, eager: bool) -> tuple[Any, ProgramGraph]:
+def plan_program(problems: Sequence[Problem], dependencies: Any) -> tuple[Any, ProgramGraph]:
     """Validate the declared dependencies (or infer them from levels and use) into a planned ProgramGraph.
 
     Returns the dependencies used and the graph after the program passes (paths, VJP plans).
     """
-    deps = dependencies if dependencies is not None else infer_dependencies(problems, eager)
+    deps = dependencies if dependencies is not None else infer_dependencies(problems)
     program = passes.run_program_passes(build_program(problems, deps, declared_levels(problems) or None))
     return deps, program
 
@@ -150,13 +149,13 @@ def check_declared_relations(program: ProgramGraph) -> None:
         problem._manual = {"parents": [], "children": []}
 
 
-def check_program(program: ProgramGraph, problems: Sequence[Problem], eager: bool, warn_undeclared: bool) -> None:
+def check_program(program: ProgramGraph, problems: Sequence[Problem], warn_undeclared: bool) -> None:
     """Evaluate every loss once and check the declared edges against what the losses use.
 
     With ``warn_undeclared`` (explicit dependencies), uses without an edge warn. A
     trainable parameter its own loss never reads is checked against ``allow_unused``.
     """
-    parameter_uses = find_parameter_uses(problems, eager=eager)
+    parameter_uses = find_parameter_uses(problems)
     uses = problem_uses(parameter_uses)
     if warn_undeclared:
         declared = {(u, v) for kind in ("u2l", "l2u") for u, v in program.edges(kind)}

@@ -61,7 +61,7 @@ class Engine:
         self.env = env
         attach_problems(self.problems, self)
         self._warn_undeclared = dependencies is not None
-        self.dependencies, self.program = plan_program(self.problems, dependencies, self.config.compile == "eager")
+        self.dependencies, self.program = plan_program(self.problems, dependencies)
         compat.check_betty_settings(self, Engine, self.program, self.config.strategy)
         check_declared_relations(self.program)
         self._attach_env()
@@ -144,10 +144,9 @@ class Engine:
         """
         if self._stepping:
             raise ProgramError("set_dependency() was called inside a train_step; call it between steps")
-        eager = self.config.compile == "eager"
-        deps, program = plan_program(self.problems, dependencies, eager)
+        deps, program = plan_program(self.problems, dependencies)
         if self._checked:  # otherwise the first step checks the new graph
-            check_program(program, self.problems, eager, True)
+            check_program(program, self.problems, True)
         self.dependencies, self.program = deps, program
         self._warn_undeclared = True
         self.compiler.set_program(program)
@@ -442,7 +441,7 @@ class Engine:
             for name, problem in self.program.problems.items():
                 if problem.is_implemented("on_inner_loop_start") and self.schedule.counters[name].loop_start:
                     self.schedule.start_loop(name)
-            check_program(self.program, self.problems, self.config.compile == "eager", self._warn_undeclared)
+            check_program(self.program, self.problems, self._warn_undeclared)
             self._checked = True
 
     def compile(self) -> CompiledProgram:
