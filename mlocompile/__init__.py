@@ -96,6 +96,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "passes.eliminate_common_subexpressions",
             "passes.eliminate_dead_code",
             "passes.enumerate_paths",
+            "passes.opaque_bernoulli",
             "passes.order_vjps",
             "passes.plan_static_buffers",
             "passes.reinplace_pointwise",

@@ -67,3 +67,18 @@ def _(x: Tensor, token: Tensor) -> Tensor:
 
 
 AFTER = torch.ops.mlocompile.after.default
+
+
+@torch.library.custom_op("mlocompile::bernoulli", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def bernoulli(like: Tensor, p: float) -> Tensor:
+    """``aten.bernoulli.p`` (a new tensor shaped like ``like``, each element 1 with probability ``p``)
+    as an operator inductor cannot see into: see ``passes/opaque_bernoulli.py``."""
+    return torch.ops.aten.bernoulli.p(like, p)
+
+
+@bernoulli.register_fake
+def _(like: Tensor, p: float) -> Tensor:
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+BERNOULLI = torch.ops.mlocompile.bernoulli.default

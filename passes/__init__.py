@@ -25,6 +25,7 @@ from passes.cast_for_amp import cast_for_amp, precision_policy
 from passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from passes.eliminate_dead_code import eliminate_dead_code
 from passes.enumerate_paths import enumerate_paths
+from passes.opaque_bernoulli import opaque_bernoulli
 from passes.order_vjps import check_no_jacobians, order_vjps
 from passes.plan_static_buffers import BufferPool, plan_static_buffers
 from passes.reinplace_pointwise import reinplace_pointwise
@@ -52,6 +53,7 @@ GRAPH_PASSES: dict[str, GraphPass] = {
     "reinplace_pointwise": reinplace_pointwise,
     "plan_static_buffers": plan_static_buffers,
     "split_foreach_norms": split_foreach_norms,
+    "opaque_bernoulli": opaque_bernoulli,
     "thread_rng_order": thread_rng_order,
 }
 # Checks read a graph and raise IRVerificationError; they never rewrite it
@@ -201,6 +203,7 @@ def run_inductor_lowering(gm: GraphModule, title: str, report: PassReport | None
     """Prepare an optimized step graph for inductor (run on a copy: the fx fallback keeps the original)."""
     done: list[str] = ["(graph pipeline)"]
     gm = run_pass(gm, "split_foreach_norms", title, done, report)  # inductor fuses per-tensor norms, not foreach
+    gm = run_pass(gm, "opaque_bernoulli", title, done, report)  # inductor's bernoulli.p can be read before it is drawn
     gm = run_pass(gm, "thread_rng_order", title, done, report)  # itd replays: swaps and draws keep graph order
     return gm
 
@@ -217,6 +220,7 @@ __all__ = [
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "enumerate_paths",
+    "opaque_bernoulli",
     "order_vjps",
     "plan_static_buffers",
     "precision_policy",

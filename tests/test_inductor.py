@@ -59,3 +59,38 @@ def test_foreach_norms_are_split_for_inductor_with_the_same_values():
     assert "aten._foreach_norm.Scalar" not in targets()
     assert targets().count("aten.linalg_vector_norm.default") == 3  # one per tensor, one over the norms
     assert torch.equal(gm(a, b), want)
+
+
+def test_bernoulli_is_made_opaque_for_inductor_with_the_same_draws():
+    from mlocompile.rng import BERNOULLI
+    from passes.opaque_bernoulli import opaque_bernoulli
+    from programs import step_graph
+
+    def f(x):
+        return x * torch.empty_like(x).bernoulli_(0.8) / 0.8
+
+    x = torch.randn(4, 5)
+    gm = step_graph(torch.func.functionalize(f), x)  # as step graphs are: bernoulli_ becomes bernoulli.p
+    assert torch.ops.aten.bernoulli.p in [n.target for n in gm.graph.nodes]
+    torch.manual_seed(3)
+    want = gm(x)
+    opaque_bernoulli(gm)
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.ops.aten.bernoulli.p not in targets and BERNOULLI in targets
+    assert torch.Tag.nondeterministic_seeded in BERNOULLI.tags  # thread_rng_order orders it among the draws
+    torch.manual_seed(3)
+    assert torch.equal(gm(x), want)
+
+
+def test_batchnorm_dropout_program_under_inductor_equals_fx():
+    """Inductor's own lowering of ``bernoulli.p`` read the dropout mask before drawing it: this program's
+    first lower loss was NaN (every step, in float32). Its itd replay also swaps generator states."""
+    import txn_program
+
+    runs = {}
+    for backend in ("fx", "inductor"):
+        engine = txn_program.build("itd", backend)
+        for _ in range(4):
+            engine.train_step()
+        runs[backend] = _params(engine)
+    torch.testing.assert_close(runs["inductor"], runs["fx"], rtol=1e-4, atol=1e-5)

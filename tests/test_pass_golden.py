@@ -58,6 +58,10 @@ def _rng(state, x):
     return torch.bernoulli(torch.full_like(x, 0.5)) * x + torch.rand_like(x)
 
 
+def _dropout(x):
+    return x * torch.empty_like(x).bernoulli_(0.8) / 0.8
+
+
 def _args(name):
     torch.manual_seed(0)
     big = (torch.randn(64, 64), torch.randn(64, 64))
@@ -70,6 +74,7 @@ def _args(name):
         "reinplace_pointwise": (_reinplace, (torch.randn(8),), {}),
         "plan_static_buffers": (_buffers, big, {"device": torch.device("cpu"), "pool": {}, "min_bytes": 64}),
         "split_foreach_norms": (_foreach_norms, (torch.randn(3, 2), torch.randn(4)), {}),
+        "opaque_bernoulli": (torch.func.functionalize(_dropout), (torch.randn(4),), {}),
         "thread_rng_order": (_rng, (torch.get_rng_state(), torch.randn(4)), {}),
     }[name]
 

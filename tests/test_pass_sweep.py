@@ -44,6 +44,7 @@ SWEEP_OPTIONS = {
     "reinplace_pointwise": lambda gm, p: {"donated": _donated(gm, p)},
     "plan_static_buffers": lambda gm, p: {"device": torch.device("cpu"), "pool": {}, "min_bytes": 64},
     "split_foreach_norms": lambda gm, p: {},
+    "opaque_bernoulli": lambda gm, p: {},
     "thread_rng_order": lambda gm, p: {},
 }
 
