@@ -22,6 +22,7 @@ from mlocompile.errors import ProgramError
 from mlocompile.functional import FunctionalProgram, Params, ProgramParams, tree_axpy, tree_dot, tree_norm, with_params
 from mlocompile.ir import annotate
 from mlocompile.optim import FunctionalOptimizer, StateDict
+from mlocompile.regions import call_twice
 from mlocompile.rng import set_rng_states
 
 
@@ -170,8 +171,10 @@ def _finite_difference(env: StepEnv, curr: str, prev: str, v: Params, alpha: flo
     loss = env.loss_of(curr, prev)
     w = env.params[curr]
     grad_prev = torch.func.grad(lambda lam, w_: loss(w_, lam), argnums=0)
-    g_plus = grad_prev(env.params[prev], tree_axpy(eps, v, w))
-    g_minus = grad_prev(env.params[prev], tree_axpy(-eps, v, w))
+    # NOTE: the two evaluations are one function of inputs of one shape: traced once, the second copied
+    g_plus, g_minus = call_twice(
+        grad_prev, (env.params[prev], tree_axpy(eps, v, w)), lambda: (env.params[prev], tree_axpy(-eps, v, w))
+    )
     return {k: (g_minus[k] - g_plus[k]) / (2 * eps) for k in g_plus}
 
 

@@ -290,11 +290,20 @@ def one_meta_mode() -> Iterator[None]:
         return original(val, include_real)
 
     proxy_tensor.extract_val = extract_val
+    # NOTE: make_fx also stores each node's ``tensor_meta`` (sizes, strides and a contiguity test per
+    # memory format: ~10% of a large trace); slim_meta drops it, nothing reads it before that
+    tensor_meta = proxy_tensor._extract_tensor_metadata
+    proxy_tensor._extract_tensor_metadata = _no_tensor_meta  # type: ignore[assignment]
     try:
         with tracing(TracingContext(mode)):
             yield
     finally:
         proxy_tensor.extract_val = original
+        proxy_tensor._extract_tensor_metadata = tensor_meta
+
+
+def _no_tensor_meta(val: Any, include_contiguity: bool = True) -> None:
+    return None
 
 
 class _FlatLinear(TorchFunctionMode):
