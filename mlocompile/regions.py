@@ -122,7 +122,7 @@ def _copy_region(tracer: Any, region: list[Node], leaves1: list[Any], leaves2: l
     external = {a for n in region for a in n.all_input_nodes if a not in inside}
     external |= {n for n in out_nodes if n not in inside}  # type: ignore[misc]
     needed = {remap.get(n, n) for n in external}
-    values: dict[Node, torch.Tensor] = {}
+    values: dict[Node, Any] = {n: getattr(tracer.root, n.target) for n in needed if n.op == "get_attr"}  # type: ignore[arg-type]
     for tensor, slot in tracer.tensor_tracker.items():
         if slot.proxy.node in needed:
             values.setdefault(slot.proxy.node, tensor)
