@@ -77,7 +77,10 @@ def __dir__() -> list[str]:
 
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundations", ("errors", "symbols", "analysis", "rng", "regions", "backends", "optim_rules", "passes.report")),
+    (
+        "foundations",
+        ("errors", "symbols", "analysis", "rng", "regions", "backends", "optim_rules", "symbolic", "passes.report"),
+    ),
     ("settings, IR, tools", ("config", "ir", "optim", "schedulers", "distributed", "monitor", "checkpoint")),
     ("data cursors", ("data",)),
     ("problems", ("problem", "env")),

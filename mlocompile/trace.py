@@ -21,12 +21,12 @@ from torch.fx import GraphModule
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.overrides import TorchFunctionMode
 
 from mlocompile.errors import MLOError, TraceError
 from mlocompile.functional import reads_a_value
 from mlocompile.ir import adopt_annotations, slim_meta
 from mlocompile.step import StepFn
+from mlocompile.symbolic import keep_sizes_symbolic
 
 _TENSOR_META = operator.attrgetter("shape", "dtype", "device")  # NOTE: per step; 2.5x a generator's speed
 
@@ -254,7 +254,7 @@ def _trace_symbolic(
         sizes = [DimDynamic.DYNAMIC if (i, d) in dynamic else DimDynamic.STATIC for d in range(t.dim())]
         context: Any = StatelessSymbolicContext(dynamic_sizes=sizes)  # type: ignore[arg-type]
         fakes.append(mode.from_tensor(t.detach(), source=LocalSource(f"t{i}"), symbolic_context=context))
-    with _FlatLinear():
+    with keep_sizes_symbolic():  # where PyTorch would read a symbolic size as an integer
         gm = make_fx(fn, tracing_mode="symbolic")(*fakes)
     gm.meta["mlo.dynamic"] = True
     return gm, fakes
@@ -304,31 +304,6 @@ def one_meta_mode() -> Iterator[None]:
 
 def _no_tensor_meta(val: Any, include_contiguity: bool = True) -> None:
     return None
-
-
-class _FlatLinear(TorchFunctionMode):
-    """``F.linear`` on inputs of more than 2 dims, as the aten ops ``at::linear`` itself runs.
-
-    Under ``torch.func.grad``, ``at::linear`` reads a 3-D input's sizes as integers,
-    which fixes a symbolic sequence length (every ``nn.Linear`` of a transformer
-    would retrace per length). The same computation written here keeps it symbolic:
-    a contiguous input with a bias is flattened to 2-D for one ``addmm`` and viewed
-    back, anything else is ``matmul`` with the transposed weight plus the bias, which
-    are the ops (and so the numbers) ``at::linear`` produces.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear or func is torch._C._nn.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(x, torch.Tensor) and x.dim() > 2:
-                if bias is not None and x.is_contiguous():
-                    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t())
-                    return out.view(*x.shape[:-1], weight.shape[0])
-                out = torch.matmul(x, weight.t())
-                return out if bias is None else out + bias
-        return func(*args, **kwargs)
 
 
 def _value_read_advice(exc: BaseException) -> str:
