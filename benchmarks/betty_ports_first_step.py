@@ -1,6 +1,9 @@
 """fx time to the first step (Engine build + first train_step) and the slowest of the next steps, per Betty port.
 
-    python benchmarks/betty_ports_first_step.py [lr higher test mwn maml darts lbi bert sanas]
+    python benchmarks/betty_ports_first_step.py [--no-copy] [lr higher test mwn maml darts lbi bert sanas]
+
+``--no-copy`` traces both darts evaluations instead of copying the second from the first
+(``mlocompile/regions.py``), to measure what the copy saves.
 
 The ports are tests/betty_ports/*; the README's table of Betty's examples holds what this
 printed on the project's 2-core CPU with nothing else running. Float64, one thread.
@@ -69,4 +72,10 @@ def main(which: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if "--no-copy" in args:
+        import mlocompile.hypergrad
+
+        args.remove("--no-copy")
+        mlocompile.hypergrad.call_twice = lambda fn, first, second: (fn(*first), fn(*second()))  # type: ignore[assignment]
+    main(args)
