@@ -65,12 +65,17 @@ def test_outside_a_trace_both_calls_run():
     assert torch.equal(got, step(*_inputs(), copy=False))
 
 
-def test_a_symbolic_trace_traces_both_calls():
-    calls: list[int] = []
-
+def _counted_sin(calls: list[int]):
     def f(x):
         calls.append(1)
         return x.sin() * 2
+
+    return f
+
+
+def test_a_symbolic_trace_traces_both_calls():
+    calls: list[int] = []
+    f = _counted_sin(calls)
 
     def step(x):
         a, b = call_twice(f, (x,), lambda: (x + 1,))
@@ -82,10 +87,7 @@ def test_a_symbolic_trace_traces_both_calls():
 
 def test_inputs_of_another_layout_trace_both_calls():
     calls: list[int] = []
-
-    def f(x):
-        calls.append(1)
-        return x.sin() * 2
+    f = _counted_sin(calls)
 
     def step(x):
         a, b = call_twice(f, (x,), lambda: (x.t(),))  # the second input is a transposed view: other strides
