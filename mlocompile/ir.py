@@ -65,7 +65,7 @@ def slim_meta(gm: GraphModule) -> None:
             val = node.meta["val"]
             if dynamic:
                 kept["mlo.sym"] = symbolic_layout(val)
-            kept["val"] = torch.utils._pytree.tree_map(_concrete, val)
+            kept["val"] = _concrete(val) if isinstance(val, torch.Tensor) else torch.utils._pytree.tree_map(_concrete, val)
         node.meta.clear()
         node.meta.update(kept)
 
@@ -73,7 +73,8 @@ def slim_meta(gm: GraphModule) -> None:
 def _concrete(x: Any) -> Any:
     """A traced value as plain data: a tensor as a meta tensor, a symbolic size as its example's value."""
     if isinstance(x, torch.Tensor):
-        return meta_tensor(x)
+        # a real trace records meta tensors already (trace.one_meta_mode)
+        return x if type(x) is torch.Tensor and x.is_meta else meta_tensor(x)
     return size_hint(x)
 
 

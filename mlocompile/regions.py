@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch.fx import Node, Proxy
+from torch.fx.node import map_arg
 
 
 def call_twice(
@@ -137,7 +138,7 @@ def _copy_region(tracer: Any, region: list[Node], leaves1: list[Any], leaves2: l
             if n.op == "get_attr":
                 env[n] = getattr(tracer.root, n.target)  # type: ignore[arg-type]
             else:
-                args, kwargs = pytree.tree_map_only(Node, env.__getitem__, (n.args, n.kwargs))
+                args, kwargs = map_arg((n.args, n.kwargs), env.__getitem__)
                 env[n] = n.target(*args, **kwargs)  # type: ignore[operator]
     level = torch._C._functorch.maybe_current_level()
     assert level is not None  # _real_tracer checked: functionalization is active

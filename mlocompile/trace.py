@@ -262,19 +262,32 @@ def _trace_symbolic(
 
 @contextmanager
 def one_meta_mode() -> Iterator[None]:
-    """Give a real-mode make_fx one fake mode for the ``val`` metadata of all its nodes.
+    """Record a real-mode make_fx trace with less bookkeeping per op; the graph is the same.
 
-    Without an ambient fake mode, make_fx builds a new ``FakeTensorMode`` for every
-    node it records, and each captures a Python stack trace: about a quarter of the
-    time of tracing a large step (35,000 nodes of a DARTS supernet). The mode is
-    offered the way a compiler driving make_fx offers one (``TracingContext``); only
-    the metadata uses it, the trace runs on the real tensors. Each plain tensor a node
-    records gets its fake value directly (a meta tensor of the same sizes, strides and
-    dtype, on the real device) instead of through a fake ``empty_strided`` call: DARTS
-    port 21.8 s -> 18.7 s to the first step, learning-by-ignoring 20.0 s -> 14.4 s.
+    make_fx spends ~0.3 ms per recorded op on this CPU, of which the kernel is a tenth;
+    in a 158,000-node step (Betty's 4-level SANAS) that is most of the time to the
+    first step. Inside this block, and only for real (not symbolic) traces:
+
+    - Each plain tensor a node records gets a ``meta``-device tensor of the same sizes,
+      strides and dtype as its ``val`` (what ``slim_meta`` keeps) instead of a
+      ``FakeTensor``: without an ambient fake mode make_fx would build a new
+      ``FakeTensorMode`` per node, each capturing a Python stack. The mode is still
+      offered (``TracingContext``) for any other value.
+    - ``tensor_meta`` (sizes, strides, a contiguity test per memory format) is not
+      stored: ``slim_meta`` drops it and nothing reads it before.
+    - Node arguments of the common kinds (proxies, plain scalars, dtypes, devices,
+      tuples and lists of them) become graph arguments directly, as make_fx's own
+      chain of checks would turn them (parameter, symbolic-int, opaque-object and
+      constant-tensor tests, each an ``isinstance`` through a metaclass).
+    - ``Graph.create_node`` skips its scan of every argument for a raw ``SymInt``:
+      a real trace has none.
+
+    Measured with ``benchmarks/betty_ports_first_step.py`` (see the README's table).
     """
     from torch._guards import TracingContext, tracing
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx import graph as fx_graph
+    from torch.fx import proxy as fx_proxy
     from torch.fx.experimental import proxy_tensor
 
     if TracingContext.try_get() is not None:
@@ -285,21 +298,59 @@ def one_meta_mode() -> Iterator[None]:
 
     def extract_val(val: Any, include_real: bool = False) -> Any:
         if type(val) is torch.Tensor and val.layout == torch.strided:
-            meta = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
-            return FakeTensor(mode, meta, val.device)
+            return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
         return original(val, include_real)
 
+    tracer_cls = proxy_tensor.PythonKeyTracer
+    create_arg = tracer_cls.create_arg
+
+    def fast_create_arg(self: Any, a: Any) -> Any:
+        kind = type(a)
+        if kind is fx_proxy.Proxy:
+            return a.node
+        if kind in _PLAIN_ARGS:
+            return a
+        if kind is tuple:
+            return tuple([fast_create_arg(self, x) for x in a])
+        if kind is list:
+            return [fast_create_arg(self, x) for x in a]
+        return create_arg(self, a)
+
     proxy_tensor.extract_val = extract_val
-    # NOTE: make_fx also stores each node's ``tensor_meta`` (sizes, strides and a contiguity test per
-    # memory format: ~10% of a large trace); slim_meta drops it, nothing reads it before that
     tensor_meta = proxy_tensor._extract_tensor_metadata
     proxy_tensor._extract_tensor_metadata = _no_tensor_meta  # type: ignore[assignment]
+    tracer_cls.create_arg = fast_create_arg  # type: ignore[method-assign]
+    graph_pytree = fx_graph.pytree
+    fx_graph.pytree = _NoSymIntScan(graph_pytree)  # type: ignore[assignment]
     try:
         with tracing(TracingContext(mode)):
             yield
     finally:
         proxy_tensor.extract_val = original
         proxy_tensor._extract_tensor_metadata = tensor_meta
+        tracer_cls.create_arg = create_arg  # type: ignore[method-assign]
+        fx_graph.pytree = graph_pytree
+
+
+# NOTE: what make_fx's create_arg chain returns unchanged (its base-type bypass); bool is listed: type() is exact
+_PLAIN_ARGS = frozenset(
+    {int, float, bool, str, complex, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
+)
+
+
+class _NoSymIntScan:
+    """``torch.fx.graph``'s ``pytree`` during a real trace: the same module, but ``tree_iter`` (only
+    ``Graph.create_node``'s scan for raw ``SymInt`` arguments calls it) yields nothing."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    @staticmethod
+    def tree_iter(tree: Any, is_leaf: Any = None) -> Iterator[Any]:
+        return iter(())
 
 
 def _no_tensor_meta(val: Any, include_contiguity: bool = True) -> None:
