@@ -65,7 +65,9 @@ def slim_meta(gm: GraphModule) -> None:
             val = node.meta["val"]
             if dynamic:
                 kept["mlo.sym"] = symbolic_layout(val)
-            kept["val"] = _concrete(val) if isinstance(val, torch.Tensor) else torch.utils._pytree.tree_map(_concrete, val)
+            kept["val"] = (
+                _concrete(val) if isinstance(val, torch.Tensor) else torch.utils._pytree.tree_map(_concrete, val)
+            )
         node.meta.clear()
         node.meta.update(kept)
 
