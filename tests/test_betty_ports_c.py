@@ -194,29 +194,38 @@ def test_sanas_equals_betty(backend: str) -> None:
 
 
 # -- the tracing fix this port motivated (mlocompile/trace.py: one_meta_mode) ---------------------
-def test_real_mode_trace_builds_node_values_in_one_fake_mode() -> None:
-    """make_fx's real mode made a FakeTensorMode per recorded tensor (each capturing the Python stack);
-    inside ``one_meta_mode`` one mode makes them all, the values and the graph are unchanged, and
-    no tracing context is left behind, also when the trace fails."""
+def test_real_mode_trace_records_the_same_graph_with_less_bookkeeping() -> None:
+    """Inside ``one_meta_mode`` a real-mode make_fx records each value as a plain meta tensor (make_fx
+    alone made a FakeTensorMode per recorded tensor, each capturing the Python stack), turns common
+    arguments into graph arguments directly and skips create_node's SymInt scan: the graph and the
+    values' layouts are unchanged, and every patch is undone, also when the trace fails."""
     from torch._guards import TracingContext
+    from torch.fx import graph as fx_graph
+    from torch.fx.experimental import proxy_tensor
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from mlocompile.trace import one_meta_mode
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ x.t()).sum(0) * 2
+        y = torch.cat([x, x.new_zeros((1, 4), dtype=torch.float64)], dim=0).to(torch.float32)
+        z = torch.relu(y @ y.t()).sum([0], keepdim=True) * 2
+        return z.reshape(-1)[None, 1:3].expand(2, -1).contiguous(memory_format=torch.contiguous_format)
 
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    patched = (proxy_tensor.extract_val, proxy_tensor.PythonKeyTracer.create_arg, fx_graph.pytree)
     plain = make_fx(f, tracing_mode="real")(x)
     with one_meta_mode():
-        shared = make_fx(f, tracing_mode="real")(x)
+        fast = make_fx(f, tracing_mode="real")(x)
     assert TracingContext.try_get() is None
-    vals = [n.meta["val"] for n in shared.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    assert len(vals) >= 4 and len({id(v.fake_mode) for v in vals}) == 1
+    assert (proxy_tensor.extract_val, proxy_tensor.PythonKeyTracer.create_arg, fx_graph.pytree) == patched
+    vals = [n.meta["val"] for n in fast.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len(vals) >= 8 and all(type(v) is torch.Tensor and v.is_meta for v in vals)
     before = [n.meta["val"] for n in plain.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     assert len({id(v.fake_mode) for v in before}) == len(before)  # torch's behaviour without it
     assert [(v.shape, v.stride(), v.dtype) for v in vals] == [(v.shape, v.stride(), v.dtype) for v in before]
-    assert str(shared.graph) == str(plain.graph)
+    assert str(fast.graph) == str(plain.graph)
+    torch.testing.assert_close(fast(x), f(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="boom"), one_meta_mode():
         raise RuntimeError("boom")
     assert TracingContext.try_get() is None
+    assert (proxy_tensor.extract_val, proxy_tensor.PythonKeyTracer.create_arg, fx_graph.pytree) == patched

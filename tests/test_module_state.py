@@ -61,6 +61,56 @@ def test_running_statistics_follow_pytorch_batchnorm():
     torch.testing.assert_close(net[1].running_var, plain[1].running_var, rtol=1e-12, atol=1e-15)
 
 
+class ReadsItsStatistics(nn.Module):
+    """BatchNorm run twice per forward (the second update starts from the first's), then its running
+    mean read by the loss: a deferred update must have run before each read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.out = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.bn(self.lin(x)))
+        return self.out(h.relu()) * (1 + self.bn.running_mean.sum())
+
+
+@pytest.mark.parametrize("backend", ["eager", "fx"])
+def test_statistics_read_in_the_forward_are_current(backend, monkeypatch):
+    monkeypatch.setitem(corpus.MODELS, "reads", corpus.Model("reads", ReadsItsStatistics))
+    engine, net, _ = corpus.build("reads", "darts", backend)
+    plain = copy.deepcopy(net)
+    x = engine.peek_batch("lower")[0]
+    xv, tv = engine.peek_batch("upper")
+    engine.train_step()
+    with torch.no_grad():
+        plain(x)  # the lower's step
+        for p, q in zip(plain.parameters(), net.parameters()):
+            p.copy_(q)
+        upper_loss = torch.nn.functional.cross_entropy(plain(xv), tv)  # the upper's forward reads the updated mean
+    for k, v in plain.named_buffers():
+        torch.testing.assert_close(dict(net.named_buffers())[k], v, rtol=1e-12, atol=1e-15)
+    assert float(engine.runner.runs["upper"].last_loss) == pytest.approx(float(upper_loss), rel=1e-12)
+
+
+def test_dropped_reevaluations_trace_no_statistics_update(monkeypatch):
+    """Only the forwards whose buffers a step keeps trace the running-statistics update: the upper's own
+    (the lower's net on its batch), not darts's two re-evaluations of the lower loss."""
+    import mlocompile.compiler as compiler
+
+    counts: dict[str, int] = {}
+    trace = compiler.trace_step
+
+    def counting(fn, flat, title, dynamic=frozenset()):
+        traced = trace(fn, flat, title, dynamic)
+        counts[title] = sum(n.target is torch.ops.aten.var.correction for n in traced.gm.graph.nodes)
+        return traced
+
+    monkeypatch.setattr(compiler, "trace_step", counting)
+    engine, _, _ = corpus.build("bn", "darts", "fx")
+    engine.train_step()
+    assert counts == {"step_lower": 1, "step_upper": 1}
+
+
 @pytest.mark.parametrize("model", ["bn", "dropout"])
 def test_eval_mode_mid_run_retraces_and_matches_eager(model):
     grads = {}
