@@ -11,17 +11,34 @@ from mlocompile.analysis import find_mutated_storages, find_storage_base
 
 
 def _key(arg: Any) -> Any:
-    if isinstance(arg, Node):
-        return ("node", arg.name)
+    kind = type(arg)
+    if kind is Node:
+        return arg
+    if kind is float:
+        return ("float", repr(arg))  # 0.0 and -0.0 differ; NaN equals itself here
+    if kind in _SCALARS:
+        return (kind, arg)  # True and 1 differ
     if isinstance(arg, (list, tuple)):
-        return (type(arg).__name__, tuple(_key(a) for a in arg))
+        return (kind, tuple([_key(a) for a in arg]))
     if isinstance(arg, dict):
         return ("dict", tuple(sorted((k, _key(v)) for k, v in arg.items())))
     if isinstance(arg, float):
-        return ("float", repr(arg))  # 0.0 and -0.0 differ; NaN equals itself here
-    if isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return ("torch", str(arg))
-    return (type(arg).__name__, arg)
+        return ("float", repr(arg))
+    return (kind, arg)
+
+
+# NOTE: dtypes, devices, layouts and memory formats hash and compare by value
+_SCALARS = frozenset({int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
+
+
+def _impure(node: Node, cache: dict[Any, bool]) -> bool:
+    """``node.is_impure()``, computed once per operator overload (it reads only the schema and tags)."""
+    target = node.target
+    if type(target) is not torch._ops.OpOverload:
+        return node.is_impure()
+    if target not in cache:
+        cache[target] = node.is_impure()
+    return cache[target]
 
 
 def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
@@ -47,16 +64,17 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
         %c = aten.add(%a, %b)
     """
     seen: dict[Any, Node] = {}
+    impure: dict[Any, bool] = {}
     written = find_mutated_storages(gm)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.is_impure():
+        if node.op != "call_function" or _impure(node, impure):
             continue
         if written and any(find_storage_base(x) in written for x in (node, *node.all_input_nodes)):
             continue  # its value, or an input's, changes in place: equal arguments need not mean equal values
         try:
             # NOTE: a checkpointed itd replay recomputes its forward on purpose; merging it
             # with the forward sweep would keep every step's values alive again
-            key = (str(node.target), _key(node.args), _key(node.kwargs), node.meta.get("mlo.segment"))
+            key = (node.target, _key(node.args), _key(node.kwargs), node.meta.get("mlo.segment"))
             hash(key)
         except TypeError:
             continue
