@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import linecache
 import operator
 import traceback
@@ -18,6 +19,7 @@ try:  # NOTE: runs every step: the C++ pytree (optree) flattens ~3x and hashes s
 except ImportError:  # optree missing or too old: the pure-Python pytree, same results
     import torch.utils._pytree as pytree  # type: ignore[no-redef]
 from torch.fx import GraphModule
+from torch.fx import graph as fx_graph
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -281,12 +283,19 @@ def one_meta_mode() -> Iterator[None]:
       constant-tensor tests, each an ``isinstance`` through a metaclass).
     - ``Graph.create_node`` skips its scan of every argument for a raw ``SymInt``:
       a real trace has none.
+    - Ops are recorded by a lean path (``lean_proxy_call``): an ``OpOverload`` without a
+      CompositeImplicitAutograd kernel (make_fx may decompose those), not value-reading
+      (``data_dependent_output``, ``is_nonzero``) nor ``lift_fresh``, whose tensor arguments
+      are all plain traced tensors without a known constant and whose other arguments are
+      plain scalars, tuples and lists, gets the node, name, annotations (``custom``),
+      ``getitem`` nodes and values make_fx's ``proxy_call`` would give it, without its
+      flattening, constant propagation and per-op checks. Anything else goes to
+      ``proxy_call`` itself. ``tests/test_recording.py`` compares the two graphs.
 
     Measured with ``benchmarks/betty_ports_first_step.py`` (see the README's table).
     """
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx import graph as fx_graph
     from torch.fx import proxy as fx_proxy
     from torch.fx.experimental import proxy_tensor
 
@@ -316,6 +325,58 @@ def one_meta_mode() -> Iterator[None]:
             return [fast_create_arg(self, x) for x in a]
         return create_arg(self, a)
 
+    proxy_call = proxy_tensor.proxy_call
+    ops: dict[Any, Any] = {}  # NOTE: per trace: py_kernels (symbolic.py) may change between traces
+
+    def lean_proxy_call(
+        proxy_mode: Any, func: Any, pre_dispatch: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        name = ops.get(func)
+        if name is None:
+            name = ops[func] = _lean_name(func)
+        if (
+            name is False
+            or pre_dispatch
+            or proxy_mode.emulate_precision_casts
+            or func in proxy_mode.decomposition_table
+        ):
+            return proxy_call(proxy_mode, func, pre_dispatch, args, kwargs)
+        tracer = proxy_mode.tracer
+        tracker = tracer.tensor_tracker
+        try:
+            node_args = tuple([_lean_arg(tracker, a) for a in args])
+            node_kwargs = {k: _lean_arg(tracker, v) for k, v in kwargs.items()}
+        except _Unusual:
+            return proxy_call(proxy_mode, func, pre_dispatch, args, kwargs)
+        graph = tracer.graph
+        custom = fx_traceback.get_current_meta().get("custom")
+        node = graph.create_node("call_function", func, node_args, node_kwargs, name=name)
+        if custom is not None:
+            node.meta["custom"] = copy.copy(custom)
+        out = func(*args, **kwargs)
+        kind = type(out)
+        if kind is torch.Tensor:
+            _lean_track(tracker, out, fx_proxy.Proxy(node, tracer))
+        elif kind is tuple and all(type(x) is torch.Tensor or x is None for x in out):
+            node.meta["val"] = tuple([None if x is None else extract_val(x) for x in out])
+            for i, x in enumerate(out):
+                item = graph.create_node("call_function", operator.getitem, (node, i), {}, name="getitem")
+                if custom is not None:
+                    item.meta["custom"] = copy.copy(custom)
+                if x is not None:
+                    _lean_track(tracker, x, fx_proxy.Proxy(item, tracer))
+        else:
+            proxy_tensor.track_tensor_tree(out, fx_proxy.Proxy(node, tracer), constant=None, tracer=tracer)
+        return out
+
+    def _lean_track(tracker: Any, t: torch.Tensor, proxy: Any) -> None:
+        # track_tensor + set_meta for a plain strided tensor of a real trace (no symbolic sizes)
+        proxy.node.meta["val"] = extract_val(t)
+        proxy.node.meta["tensor_meta"] = None
+        if t not in tracker or not proxy_tensor._is_proxy_tensor_update_tensor_tracker_disabled():
+            tracker[t] = proxy_tensor._ProxyTensor(proxy, None)
+
+    proxy_tensor.proxy_call = lean_proxy_call
     proxy_tensor.extract_val = extract_val
     tensor_meta = proxy_tensor._extract_tensor_metadata
     proxy_tensor._extract_tensor_metadata = _no_tensor_meta  # type: ignore[assignment]
@@ -327,6 +388,7 @@ def one_meta_mode() -> Iterator[None]:
             yield
     finally:
         proxy_tensor.extract_val = original
+        proxy_tensor.proxy_call = proxy_call
         proxy_tensor._extract_tensor_metadata = tensor_meta
         tracer_cls.create_arg = create_arg  # type: ignore[method-assign]
         fx_graph.pytree = graph_pytree
@@ -335,6 +397,50 @@ def one_meta_mode() -> Iterator[None]:
 # NOTE: what make_fx's create_arg chain returns unchanged (its base-type bypass); bool is listed: type() is exact
 _PLAIN_ARGS = frozenset(
     {int, float, bool, str, complex, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
+)
+
+
+class _Unusual(Exception):
+    """An op argument the lean recording path leaves to make_fx (a constant or untracked tensor, a subclass,
+    a symbolic value, anything but plain scalars and tuples or lists of them)."""
+
+
+def _lean_arg(tracker: Any, a: Any) -> Any:
+    kind = type(a)
+    if kind is torch.Tensor:
+        tracked = tracker.get(a)
+        if tracked is None or tracked.constant is not None:
+            raise _Unusual
+        return tracked.proxy.node
+    if kind in _PLAIN_ARGS:
+        return a
+    if kind is list:
+        return [_lean_arg(tracker, x) for x in a]
+    if kind is tuple:
+        return tuple([_lean_arg(tracker, x) for x in a])
+    raise _Unusual
+
+
+def _lean_name(func: Any) -> str | bool:
+    """The node name make_fx gives ``func``'s calls, or False where its own path must record them: ops
+    it may decompose (a CompositeImplicitAutograd kernel), read values of, or rewrite (lift_fresh)."""
+    if type(func) is not torch._ops.OpOverload:
+        return False
+    implicit = torch._C.DispatchKey.CompositeImplicitAutograd
+    if implicit in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), implicit):
+        return False
+    if torch.Tag.data_dependent_output in func.tags or func in _OWN_PATH:
+        return False
+    return fx_graph._snake_case(func.overloadpacket.__name__)
+
+
+_OWN_PATH = frozenset(
+    {
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.lift_fresh.default,
+        torch.ops.aten.lift_fresh_copy.default,
+        torch.ops.prim.device.default,
+    }
 )
 
 

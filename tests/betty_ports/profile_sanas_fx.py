@@ -52,7 +52,7 @@ def main() -> None:
     timed(dependencies, "find_parameter_uses")
     timed(passes, "run_check", info=lambda gm, name, title, *a, **k: f"{title}:{name}")
     timed(trace, "slim_meta")
-    layers = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    layers = int(sys.argv[1]) if sys.argv[1:2] not in ([], [""]) else None
     prof = cProfile.Profile() if sys.argv[2:3] == ["prof"] else None
     lib = SimpleNamespace(
         Engine=mlocompile.Engine,

@@ -1,0 +1,131 @@
+"""How a real-mode trace records ops (``mlocompile/trace.py``: ``one_meta_mode``'s lean path).
+
+make_fx's own per-op recording (``proxy_call``) is general: decompositions, constant
+propagation, symbolic sizes, subclasses. A real trace of a step needs none of that for
+almost every op, so ``one_meta_mode`` records plain ops itself and hands everything else
+to make_fx. The graph must be the one make_fx records: same nodes, names, arguments,
+values' layouts and annotations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.experimental import proxy_tensor
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import mlocompile.trace as trace
+from mlocompile.ir import adopt_annotations, annotate
+
+
+class _Net(nn.Module):
+    """Multi-output ops (batch norm, LSTM, max with indices), dropout, a constant tensor, a view chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3, track_running_stats=False)
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.dropout(h, 0.3, training=True)
+        seq = h.flatten(2).transpose(1, 2)  # (batch, 16, 3)
+        out, _ = self.lstm(seq)
+        top, where = out.max(dim=1)
+        scale = torch.tensor([0.5, 2.0], dtype=x.dtype)  # lift_fresh: make_fx's own path
+        return (self.head(top) * scale).sum() + where.sum() * 0
+
+
+def _step(net: _Net) -> Any:
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with annotate(problem="inner", role="forward"):
+            return torch.func.functional_call(net, p, (x,))
+
+    def step(x: torch.Tensor, *flat: torch.Tensor) -> list[torch.Tensor]:
+        p = dict(zip(params, flat))
+        grads = torch.func.grad(loss)(p, x)
+        with annotate(problem="inner", role="update"):
+            return [v - 0.1 * grads[k] for k, v in p.items()]
+
+    return torch.func.functionalize(step, remove="mutations"), list(params.values())
+
+
+def _record(lean: bool, calls: list[int]) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    net = _Net().double()
+    fn, flat = _step(net)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    original = proxy_tensor.proxy_call
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    proxy_tensor.proxy_call = counted  # what reaches make_fx's own path (the lean path calls it by this name)
+    saved = trace._lean_name
+    if not lean:
+        trace._lean_name = lambda func: False  # type: ignore[assignment]
+    try:
+        with torch.fx.traceback.preserve_node_meta(), trace.one_meta_mode():
+            gm = make_fx(fn, tracing_mode="real")(x, *flat)
+    finally:
+        proxy_tensor.proxy_call = original
+        trace._lean_name = saved
+    adopt_annotations(gm)
+    return gm
+
+
+def _layout(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return (tuple(v.shape), v.stride(), v.dtype, v.device.type)
+    if isinstance(v, (tuple, list)):
+        return tuple(_layout(x) for x in v)
+    return v
+
+
+def test_lean_recording_is_make_fx_recording() -> None:
+    own, lean = [0], [0]
+    plain = _record(lean=False, calls=own)
+    fast = _record(lean=True, calls=lean)
+    assert str(fast.graph) == str(plain.graph)
+    for a, b in zip(plain.graph.nodes, fast.graph.nodes):
+        assert _layout(a.meta.get("val")) == _layout(b.meta.get("val")), a.name
+        assert {k: v for k, v in a.meta.items() if k.startswith("mlo.")} == {
+            k: v for k, v in b.meta.items() if k.startswith("mlo.")
+        }, a.name
+    roles = {n.meta.get("mlo.role") for n in fast.graph.nodes}
+    assert {"forward", "update", "io"} <= roles
+    ops = sum(n.op == "call_function" for n in fast.graph.nodes)
+    assert own[0] >= 0.5 * ops  # without the lean path every op is make_fx's
+    assert 0 < lean[0] < 0.1 * own[0]  # with it, make_fx records the few it must (the lift_fresh constant)
+    # and it runs: the same draws, the same values
+    torch.manual_seed(0)
+    net = _Net().double()
+    fn, flat = _step(net)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    torch.manual_seed(3)
+    want = fn(x, *flat)
+    torch.manual_seed(3)
+    got = fast(x, *flat)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_lean_recording_is_undone() -> None:
+    before = proxy_tensor.proxy_call
+    with trace.one_meta_mode():
+        assert proxy_tensor.proxy_call is not before
+    assert proxy_tensor.proxy_call is before
+    try:
+        with trace.one_meta_mode():
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert proxy_tensor.proxy_call is before
