@@ -334,6 +334,11 @@ def one_meta_mode() -> Iterator[None]:
         name = ops.get(func)
         if name is None:
             name = ops[func] = _lean_name(func)
+        if name is True:  # make_fx decomposes it unless the arguments' device has a kernel of its own
+            device = _first_device((args, kwargs))
+            name = ops.get((func, device))
+            if name is None:
+                name = ops[(func, device)] = _lean_name(func, device)
         if (
             name is False
             or pre_dispatch
@@ -421,17 +426,39 @@ def _lean_arg(tracker: Any, a: Any) -> Any:
     raise _Unusual
 
 
-def _lean_name(func: Any) -> str | bool:
+def _lean_name(func: Any, device: str | None = None) -> str | bool:
     """The node name make_fx gives ``func``'s calls, or False where its own path must record them: ops
-    it may decompose (a CompositeImplicitAutograd kernel), read values of, or rewrite (lift_fresh)."""
+    it decomposes, reads values of (``data_dependent_output``) or rewrites (``lift_fresh``).
+
+    make_fx decomposes an op with a CompositeImplicitAutograd kernel (``py_kernels`` or
+    C++) when the device of its first tensor argument has no kernel of its own
+    (``autograd_would_have_decomposed``; e.g. ``native_batch_norm`` has a Python
+    decomposition and a CPU kernel, and is recorded whole): for such an op, called
+    without ``device``, this returns True, and the caller asks again with the device
+    (``""``: no tensor argument).
+    """
     if type(func) is not torch._ops.OpOverload:
-        return False
-    implicit = torch._C.DispatchKey.CompositeImplicitAutograd
-    if implicit in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), implicit):
         return False
     if torch.Tag.data_dependent_output in func.tags or func in _OWN_PATH:
         return False
+    implicit = torch._C.DispatchKey.CompositeImplicitAutograd
+    if implicit in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), implicit):
+        if device is None:
+            return True
+        if not device:
+            return False
+        backend = torch._C._parse_dispatch_key(torch._C._dispatch_key_for_device(device))
+        if backend is None or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), backend):
+            return False
     return fx_graph._snake_case(func.overloadpacket.__name__)
+
+
+def _first_device(tree: Any) -> str:
+    """The device type of the first tensor in ``tree`` (in pytree order), or ``""``."""
+    for leaf in torch.utils._pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device.type
+    return ""
 
 
 _OWN_PATH = frozenset(
