@@ -30,16 +30,32 @@ HIDDEN_WRITES: dict[Any, tuple[tuple[int, ...], int]] = {
 }
 
 
+# NOTE: per operator overload, the (position, name) of each argument its schema marks written; the
+# analyses below run over every node of 100,000-node steps several times, and a schema walk is slow
+_WRITTEN_SLOTS: dict[Any, tuple[tuple[int, str], ...]] = {}
+
+
+def written_slots(target: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    """The (position, name) of each argument ``target``'s schema marks written (none: the schema is not
+    mutable)."""
+    slots = _WRITTEN_SLOTS.get(target)
+    if slots is None:
+        slots = _WRITTEN_SLOTS[target] = tuple(
+            (i, arg.name)
+            for i, arg in enumerate(target._schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write
+        )
+    return slots
+
+
 def find_written_args(node: Node) -> list[Node]:
     """The argument nodes ``node`` writes into: schema write annotations plus ``HIDDEN_WRITES``."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return []
     written = []
-    for i, arg in enumerate(target._schema.arguments):
-        if arg.alias_info is None or not arg.alias_info.is_write:
-            continue
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+    for i, name in written_slots(target):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(name)
         if isinstance(value, Node):
             written.append(value)
     if target in HIDDEN_WRITES:
@@ -47,6 +63,21 @@ def find_written_args(node: Node) -> list[Node]:
         if len(node.args) > training and node.args[training]:
             written += [a for i in positions if isinstance(a := node.args[i], Node)]
     return written
+
+
+_IMPURE: dict[Any, bool] = {}
+
+
+def is_impure(node: Node) -> bool:
+    """``node.is_impure()`` (placeholders, outputs, mutating, random and effectful ops), computed once
+    per operator overload: for one it reads only the schema, tags and registered effects."""
+    target = node.target
+    if node.op != "call_function" or type(target) is not torch._ops.OpOverload:
+        return node.is_impure()
+    impure = _IMPURE.get(target)
+    if impure is None:
+        impure = _IMPURE[target] = node.is_impure()
+    return impure
 
 
 def aliased_input(node: Node) -> Node | None:

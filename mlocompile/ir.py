@@ -10,7 +10,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_written_args, meta_tensor, size_hint, symbolic_layout
+from mlocompile.analysis import find_written_args, meta_tensor, size_hint, symbolic_layout, written_slots
 from mlocompile.errors import IRVerificationError
 
 # Every node.meta key mlocompile uses: who writes it, who reads it.
@@ -127,10 +127,11 @@ def format_graph(gm: GraphModule, title: str) -> str:
 
 def is_mutating(node: Node) -> bool:
     """Whether ``node`` writes into one of its arguments (a mutable schema, or a known hidden write)."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    return target._schema.is_mutable or bool(find_written_args(node))
+    return bool(find_written_args(node)) or (
+        node.op == "call_function"
+        and isinstance(node.target, torch._ops.OpOverload)
+        and bool(written_slots(node.target))
+    )
 
 
 def verify(gm: GraphModule, functional: bool = True) -> None:
@@ -142,10 +143,7 @@ def verify(gm: GraphModule, functional: bool = True) -> None:
     ``reinplace_pointwise`` and ``plan_static_buffers``) no node may write into
     its arguments: no in-place op and no mutated input.
     """
-    try:
-        gm.graph.lint()
-    except Exception as exc:  # fx raises bare RuntimeError/AssertionError
-        raise IRVerificationError(f"FX lint failed: {exc}") from exc
+    _lint(gm)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     if len(outputs) != 1:
         raise IRVerificationError(f"step graph has {len(outputs)} outputs, expected 1")
@@ -164,3 +162,43 @@ def verify(gm: GraphModule, functional: bool = True) -> None:
                 "must be functional; trace through functionalization, and introduce mutation only in the "
                 "reinplace_pointwise / plan_static_buffers passes"
             )
+
+
+_LEGAL_OPS = frozenset({"placeholder", "call_function", "call_method", "call_module", "get_attr", "output"})
+
+
+def _lint(gm: GraphModule) -> None:
+    """torch.fx's ``Graph.lint`` checks, in one walk: every node a legal opcode, owned by this graph,
+    named once, after its inputs (each of this graph); call_function targets callable, other targets
+    strings, get_attr/call_module targets present in the module. (fx's own lint also checks its
+    node lookup side table and walks twice: ~3x the time on a 70,000-node step, after every pass.)"""
+    graph = gm.graph
+    seen: set[Node] = set()
+    names: set[str] = set()
+    for node in graph.nodes:
+        op = node.op
+        if op not in _LEGAL_OPS:
+            raise IRVerificationError(f"FX lint failed: node {node} has unknown opcode {op}")
+        if node.graph is not graph:
+            raise IRVerificationError(f"FX lint failed: node {node} does not belong to this graph")
+        for arg in node._input_nodes:
+            if arg not in seen:
+                where = "belongs to another graph" if arg.graph is not graph else "is used before it is defined"
+                raise IRVerificationError(f"FX lint failed: argument {arg} of node {node} {where}")
+        seen.add(node)
+        if node.name in names:
+            raise IRVerificationError(f"FX lint failed: node name {node.name} is defined twice")
+        names.add(node.name)
+        if op == "call_function":
+            if not callable(node.target):
+                raise IRVerificationError(f"FX lint failed: node {node} target {node.target} is not callable")
+        elif not isinstance(node.target, str):
+            raise IRVerificationError(f"FX lint failed: node {node} target {node.target} is not a string")
+        elif op in ("get_attr", "call_module"):
+            owner: Any = gm
+            for atom in node.target.split("."):
+                owner = getattr(owner, atom, None)
+                if owner is None:
+                    raise IRVerificationError(f"FX lint failed: node {node} target {node.target} does not exist")
+            if op == "call_module" and not isinstance(owner, torch.nn.Module):
+                raise IRVerificationError(f"FX lint failed: node {node} target {node.target} is not a module")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_mutated_storages, find_storage_base
+from mlocompile.analysis import find_mutated_storages, find_storage_base, is_impure
 
 
 def _key(arg: Any) -> Any:
@@ -29,16 +29,6 @@ def _key(arg: Any) -> Any:
 
 # NOTE: dtypes, devices, layouts and memory formats hash and compare by value
 _SCALARS = frozenset({int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
-
-
-def _impure(node: Node, cache: dict[Any, bool]) -> bool:
-    """``node.is_impure()``, computed once per operator overload (it reads only the schema and tags)."""
-    target = node.target
-    if type(target) is not torch._ops.OpOverload:
-        return node.is_impure()
-    if target not in cache:
-        cache[target] = node.is_impure()
-    return cache[target]
 
 
 def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
@@ -64,10 +54,9 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
         %c = aten.add(%a, %b)
     """
     seen: dict[Any, Node] = {}
-    impure: dict[Any, bool] = {}
     written = find_mutated_storages(gm)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or _impure(node, impure):
+        if node.op != "call_function" or is_impure(node):
             continue
         if written and any(find_storage_base(x) in written for x in (node, *node.all_input_nodes)):
             continue  # its value, or an input's, changes in place: equal arguments need not mean equal values

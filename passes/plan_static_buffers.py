@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import aliased_input
+from mlocompile.analysis import aliased_input, is_impure
 
 BufferPool = dict[tuple[Any, ...], list[torch.Tensor]]
 MIN_BYTES = 16 * 1024
@@ -90,7 +90,7 @@ def plan_static_buffers(
     busy_until: dict[tuple[Any, ...], list[int]] = defaultdict(list)  # per key: last use of each buffer
     for n in nodes:
         target = n.target
-        if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or n.is_impure():
+        if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or is_impure(n):
             continue
         val = n.meta.get("val")
         if not isinstance(val, torch.Tensor) or not val.is_contiguous():

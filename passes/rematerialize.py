@@ -10,14 +10,14 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlocompile.analysis import aliased_input, estimate_peak_memory, node_nbytes
+from mlocompile.analysis import aliased_input, estimate_peak_memory, is_impure, node_nbytes
 
 aten = torch.ops.aten
 MAX_CHAIN = 6  # nodes recomputed for one rematerialized value, at most
 
 
 def _recomputable(node: Node) -> bool:
-    if node.op != "call_function" or node.is_impure():
+    if node.op != "call_function" or is_impure(node):
         return False
     target = node.target
     if target is operator.getitem:

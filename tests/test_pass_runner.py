@@ -88,3 +88,46 @@ def test_noop_rules_are_a_registry():
     aten = torch.ops.aten
     assert {aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.t.default, aten.view.default} <= set(NOOP_RULES)
     assert len(NOOP_RULES[aten.add.Tensor]) == 2  # x + 0, then x + zeros
+
+
+def _broken(how: str):
+    """A verified step graph broken the way a buggy pass would break it."""
+    gm = _graph()
+    nodes = {n.target: n for n in gm.graph.nodes}
+    mm, relu = nodes[torch.ops.aten.mm.default], nodes[torch.ops.aten.relu.default]
+    if how == "order":
+        relu.append(mm)  # mm moved after its user
+    elif how == "foreign":
+        other = _graph()
+        outsider = next(n for n in other.graph.nodes if n.op == "placeholder")
+        relu.args = (outsider,)
+    elif how == "name":
+        relu.name = mm.name
+    elif how == "attr":
+        with gm.graph.inserting_before(relu), pytest.warns(UserWarning, match="no underlying reference"):
+            gm.graph.get_attr("_mlo_missing_buffer")
+    elif how == "target":
+        relu.target = "relu"
+    return gm
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("order", "is used before it is defined"),
+        ("foreign", "belongs to another graph"),
+        ("name", "is defined twice"),
+        ("attr", "_mlo_missing_buffer does not exist"),
+        ("target", "is not callable"),
+    ],
+)
+def test_verify_lints_what_fx_lint_checks(how, message):
+    from mlocompile.errors import IRVerificationError
+    from mlocompile.ir import verify
+
+    verify(_graph())
+    gm = _broken(how)
+    with pytest.raises(IRVerificationError, match=f"FX lint failed: .*{message}"):
+        verify(gm)
+    with pytest.raises(Exception):  # noqa: B017 - fx's own lint agrees it is broken
+        gm.graph.lint()
