@@ -70,9 +70,11 @@ _IMPURE: dict[Any, bool] = {}
 
 def is_impure(node: Node) -> bool:
     """``node.is_impure()`` (placeholders, outputs, mutating, random and effectful ops), computed once
-    per operator overload: for one it reads only the schema, tags and registered effects."""
+    per call target: for an operator overload or a plain function it reads only the schema, tags,
+    registered effects and torch.fx's list of side-effectful functions."""
     target = node.target
-    if node.op != "call_function" or type(target) is not torch._ops.OpOverload:
+    # NOTE: a higher-order op's purity depends on its arguments (auto_functionalized's op)
+    if node.op != "call_function" or isinstance(target, torch._ops.HigherOrderOperator):
         return node.is_impure()
     impure = _IMPURE.get(target)
     if impure is None:

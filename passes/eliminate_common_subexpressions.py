@@ -29,6 +29,17 @@ def _key(arg: Any) -> Any:
 
 # NOTE: dtypes, devices, layouts and memory formats hash and compare by value
 _SCALARS = frozenset({int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
+_FLAT = _SCALARS | {Node}
+
+
+def _args_key(args: tuple[Any, ...]) -> Any:
+    """``_key(args)``'s distinctions at less cost: arguments that are all nodes and exact scalars (most
+    nodes' are) key as their types and the tuple itself (``1`` and ``True`` differ by type; nodes compare
+    by identity); anything else (floats, lists, dicts) through ``_key``."""
+    kinds = tuple(map(type, args))
+    if _FLAT.issuperset(kinds):
+        return (kinds, args)
+    return _key(args)
 
 
 def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
@@ -63,7 +74,12 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
         try:
             # NOTE: a checkpointed itd replay recomputes its forward on purpose; merging it
             # with the forward sweep would keep every step's values alive again
-            key = (node.target, _key(node.args), _key(node.kwargs), node.meta.get("mlo.segment"))
+            key = (
+                node.target,
+                _args_key(node.args),
+                _key(node.kwargs) if node.kwargs else (),
+                node.meta.get("mlo.segment"),
+            )
             hash(key)
         except TypeError:
             continue

@@ -18,6 +18,7 @@ from torch._ops import OpOverload
 from torch.fx import GraphModule, Node
 
 from mlocompile.analysis import find_mutated_storages, find_storage_base, same_symbolic_layout
+from passes.eliminate_dead_code import remove_dead_nodes
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor, aten.add.Scalar}
@@ -172,6 +173,6 @@ def simplify_no_ops(gm: GraphModule) -> GraphModule:
             continue
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()  # e.g. the zeros_like and inner t() a rewrite orphaned
+    remove_dead_nodes(gm.graph)  # e.g. the zeros_like and inner t() a rewrite orphaned
     gm.recompile()
     return gm

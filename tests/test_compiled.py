@@ -204,3 +204,39 @@ def test_direct_runner_runs_the_graph_bit_for_bit_and_keeps_tracebacks():
         run(*bad)
     text = "".join(traceback.format_exception(info.value))
     assert "<mlocompile step_demo>" in text and "_aten_mm_default(" in text
+
+
+def test_the_garbage_collector_is_paused_while_a_step_compiles_and_resumes_after(monkeypatch):
+    """Compiling allocates millions of long-lived objects: collections during it find nothing to free
+    (compiler.collector_paused). It is paused for the trace, passes and codegen, and resumes, also when
+    compiling fails; an already disabled collector stays disabled."""
+    import gc
+
+    import mlocompile.compiler as compiler
+
+    seen = []
+    trace = compiler.trace_step
+
+    def watching(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "trace_step", watching)
+    assert gc.isenabled()
+    chain_engine("darts", "fx", levels=2).train_step()
+    assert seen and not any(seen) and gc.isenabled()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setattr(compiler, "trace_step", failing)
+    with pytest.raises(RuntimeError, match="trace failed"):
+        chain_engine("darts", "fx", levels=2).train_step()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with compiler.collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
