@@ -283,14 +283,17 @@ def one_meta_mode() -> Iterator[None]:
       constant-tensor tests, each an ``isinstance`` through a metaclass).
     - ``Graph.create_node`` skips its scan of every argument for a raw ``SymInt``:
       a real trace has none.
-    - Ops are recorded by a lean path (``lean_proxy_call``): an ``OpOverload`` without a
+    - Ops are recorded by a lean path (``lean_dispatch``): an ``OpOverload`` without a
       CompositeImplicitAutograd kernel (make_fx may decompose those), not value-reading
       (``data_dependent_output``, ``is_nonzero``) nor ``lift_fresh``, whose tensor arguments
       are all plain traced tensors without a known constant and whose other arguments are
       plain scalars, tuples and lists, gets the node, name, annotations (``custom``),
       ``getitem`` nodes and values make_fx's ``proxy_call`` would give it, without its
-      flattening, constant propagation and per-op checks. Anything else goes to
-      ``proxy_call`` itself. ``tests/test_recording.py`` compares the two graphs.
+      flattening, constant propagation and per-op checks (nor the per-op ``original_aten``
+      meta, dropped by ``slim_meta``). Anything else goes to make_fx's own
+      ``__torch_dispatch__``. ``tests/test_recording.py`` compares the two graphs.
+    - make_fx's dead-code walk at the end of the trace is skipped: its predicate keeps
+      every node but size accessors and SymInt arithmetic, which a real trace has none of.
 
     Measured with ``benchmarks/betty_ports_first_step.py`` (see the README's table).
     """
@@ -325,12 +328,14 @@ def one_meta_mode() -> Iterator[None]:
             return [fast_create_arg(self, x) for x in a]
         return create_arg(self, a)
 
-    proxy_call = proxy_tensor.proxy_call
+    mode_cls = proxy_tensor.ProxyTorchDispatchMode
+    dispatch = mode_cls.__dict__["__torch_dispatch__"]  # make_fx's, wrapped (no dynamo, counted)
     ops: dict[Any, Any] = {}  # NOTE: per trace: py_kernels (symbolic.py) may change between traces
 
-    def lean_proxy_call(
-        proxy_mode: Any, func: Any, pre_dispatch: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def lean_dispatch(
+        proxy_mode: Any, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        kwargs = kwargs or {}
         name = ops.get(func)
         if name is None:
             name = ops[func] = _lean_name(func)
@@ -341,18 +346,18 @@ def one_meta_mode() -> Iterator[None]:
                 name = ops[(func, device)] = _lean_name(func, device)
         if (
             name is False
-            or pre_dispatch
+            or proxy_mode.pre_dispatch
             or proxy_mode.emulate_precision_casts
             or func in proxy_mode.decomposition_table
         ):
-            return proxy_call(proxy_mode, func, pre_dispatch, args, kwargs)
+            return dispatch(proxy_mode, func, types, args, kwargs)
         tracer = proxy_mode.tracer
         tracker = tracer.tensor_tracker
         try:
             node_args = tuple([_lean_arg(tracker, a) for a in args])
             node_kwargs = {k: _lean_arg(tracker, v) for k, v in kwargs.items()}
         except _Unusual:
-            return proxy_call(proxy_mode, func, pre_dispatch, args, kwargs)
+            return dispatch(proxy_mode, func, types, args, kwargs)
         graph = tracer.graph
         custom = fx_traceback.get_current_meta().get("custom")
         node = graph.create_node("call_function", func, node_args, node_kwargs, name=name)
@@ -381,7 +386,18 @@ def one_meta_mode() -> Iterator[None]:
         if t not in tracker or not proxy_tensor._is_proxy_tensor_update_tensor_tracker_disabled():
             tracker[t] = proxy_tensor._ProxyTensor(proxy, None)
 
-    proxy_tensor.proxy_call = lean_proxy_call
+    mode_cls.__torch_dispatch__ = lean_dispatch  # type: ignore[method-assign, assignment]
+    dce = fx_graph.Graph.eliminate_dead_code
+
+    def keep_real_trace(graph: fx_graph.Graph, is_impure_node: Any = None) -> bool:
+        # make_fx's cleanup at the end of a trace deletes only size accessors and SymInt arithmetic
+        # (its predicate keeps every other node): a real trace has neither, and the walk lints and
+        # tests each of 100,000 nodes for nothing
+        if getattr(is_impure_node, "__qualname__", "") == "dispatch_trace.<locals>.impure_pred":
+            return False
+        return dce(graph, is_impure_node)
+
+    fx_graph.Graph.eliminate_dead_code = keep_real_trace  # type: ignore[method-assign, assignment]
     proxy_tensor.extract_val = extract_val
     tensor_meta = proxy_tensor._extract_tensor_metadata
     proxy_tensor._extract_tensor_metadata = _no_tensor_meta  # type: ignore[assignment]
@@ -393,7 +409,8 @@ def one_meta_mode() -> Iterator[None]:
             yield
     finally:
         proxy_tensor.extract_val = original
-        proxy_tensor.proxy_call = proxy_call
+        mode_cls.__torch_dispatch__ = dispatch  # type: ignore[method-assign]
+        fx_graph.Graph.eliminate_dead_code = dce  # type: ignore[method-assign]
         proxy_tensor._extract_tensor_metadata = tensor_meta
         tracer_cls.create_arg = create_arg  # type: ignore[method-assign]
         fx_graph.pytree = graph_pytree

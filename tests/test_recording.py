@@ -68,7 +68,7 @@ def _record(lean: bool, calls: list[int]) -> torch.fx.GraphModule:
         calls[0] += 1
         return original(*args, **kwargs)
 
-    proxy_tensor.proxy_call = counted  # what reaches make_fx's own path (the lean path calls it by this name)
+    proxy_tensor.proxy_call = counted  # what reaches make_fx's own path (its __torch_dispatch__ calls it by this name)
     saved = trace._lean_name
     if not lean:
         trace._lean_name = lambda func: False  # type: ignore[assignment]
@@ -119,13 +119,36 @@ def test_lean_recording_is_make_fx_recording() -> None:
 
 
 def test_lean_recording_is_undone() -> None:
-    before = proxy_tensor.proxy_call
+    mode_cls = proxy_tensor.ProxyTorchDispatchMode
+    before = (mode_cls.__dict__["__torch_dispatch__"], torch.fx.Graph.eliminate_dead_code)
     with trace.one_meta_mode():
-        assert proxy_tensor.proxy_call is not before
-    assert proxy_tensor.proxy_call is before
+        assert mode_cls.__dict__["__torch_dispatch__"] is not before[0]
+    assert (mode_cls.__dict__["__torch_dispatch__"], torch.fx.Graph.eliminate_dead_code) == before
     try:
         with trace.one_meta_mode():
             raise RuntimeError("boom")
     except RuntimeError:
         pass
-    assert proxy_tensor.proxy_call is before
+    assert (mode_cls.__dict__["__torch_dispatch__"], torch.fx.Graph.eliminate_dead_code) == before
+
+
+def test_make_fx_cleanup_is_skipped_only_where_it_would_delete_nothing() -> None:
+    """make_fx's end-of-trace dead-code walk keeps every node of a real trace (its predicate deletes only
+    size accessors and SymInt arithmetic), so one_meta_mode skips it: a dead op stays either way (the
+    pipeline's own DCE pass removes it); any other dead-code call still runs."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        torch.sin(x)  # dead
+        return x * 2
+
+    x = torch.randn(3)
+    plain = make_fx(f, tracing_mode="real")(x)
+    with trace.one_meta_mode():
+        fast = make_fx(f, tracing_mode="real")(x)
+        g = torch.fx.Graph()
+        a = g.placeholder("a")
+        g.call_function(torch.ops.aten.sin.default, (a,))
+        g.output(a)
+        assert g.eliminate_dead_code() and len(g.nodes) == 2  # other callers: fx's walk as ever
+    assert str(fast.graph) == str(plain.graph)
+    assert any(n.target is torch.ops.aten.sin.default for n in fast.graph.nodes)
