@@ -89,6 +89,23 @@ _LITERALS = frozenset({int, bool, str, type(None)})
 _TORCH_NAMED = frozenset({torch.dtype, torch.memory_format, torch.layout})
 
 
+def _unpacking(node: torch.fx.Node) -> list[torch.fx.Node | None] | None:
+    """For an op returning a fixed-size tuple whose every user is a ``getitem`` of it: the item nodes in
+    order (None where nobody takes the item); else None."""
+    target = node.target
+    if type(target) is not torch._ops.OpOverload or len(target._schema.returns) < 2 or not node.users:
+        return None
+    items: list[torch.fx.Node | None] = [None] * len(target._schema.returns)
+    for user in node.users:
+        if user.target is not operator.getitem or user.kwargs or len(user.args) != 2 or user.args[0] is not node:
+            return None
+        index = user.args[1]
+        if type(index) is not int or not 0 <= index < len(items) or items[index] is not None:
+            return None
+        items[index] = user
+    return items
+
+
 def step_source(gm: GraphModule) -> tuple[str, dict[str, Any]] | None:
     """Write ``gm``'s forward as Python source and the globals it needs, or None for a graph outside
     what step graphs hold (placeholders, get_attr, call_function and one output).
@@ -96,7 +113,10 @@ def step_source(gm: GraphModule) -> tuple[str, dict[str, Any]] | None:
     The statements are FX's: one per node in graph order, ``x = op(args)`` with each plain
     ``OpOverload`` bound to its C++ entry point (``_aten_mm_default``), ``x = t[i]`` for
     ``operator.getitem``, ``x = self.path`` for get_attr, and ``; a = b = None`` after
-    the last use of each value (and right after a node nobody uses). Arguments are
+    the last use of each value (and right after a node nobody uses); except that an op
+    returning a fixed-size tuple that only ``getitem`` nodes use binds its items in one
+    statement (``out, mean, rstd, = _aten_native_batch_norm_default(...)``): a quarter of
+    a BatchNorm network's nodes are such items, and each line costs compile time. Arguments are
     written as literals (ints, bools, strings, None, finite floats by ``repr``, lists
     and tuples of them, nodes by name, dtypes, layouts and memory formats as ``torch.*``);
     any other value (a device, a non-finite float) is a global holding that object, as
@@ -148,6 +168,10 @@ def step_source(gm: GraphModule) -> tuple[str, dict[str, Any]] | None:
     params: list[str] = []
     body: list[str] = []
     ops: dict[Any, str] = {}
+    unpacked: set[torch.fx.Node] = set()
+    unused = "_mlo_unused"
+    while unused in names:
+        unused += "_"
     for node in nodes:
         op = node.op
         if op == "placeholder":
@@ -158,6 +182,7 @@ def step_source(gm: GraphModule) -> tuple[str, dict[str, Any]] | None:
         if op == "output":
             body.append(f"    return {arg(node.args[0])}")
             continue
+        freed = [n.name for n in last_uses.get(node, [])]
         if op == "get_attr":
             if not isinstance(node.target, str) or not _IDENTIFIER.match(node.target):
                 return None
@@ -165,25 +190,33 @@ def step_source(gm: GraphModule) -> tuple[str, dict[str, Any]] | None:
         elif op == "call_function":
             target = node.target
             if target is operator.getitem and not node.kwargs and len(node.args) == 2:
+                if node.args[0] in unpacked:
+                    continue  # bound where its tuple is made
                 line = f"    {node.name} = {arg(node.args[0])}[{arg(node.args[1])}]"
             else:
                 fn = ops.get(target)
                 if fn is None:
                     if type(target) is torch._ops.OpOverload:
-                        ns = target.namespace
-                        base = f"_{ns}_{target._opname}_{target._overloadname}"
+                        base = f"_{target.namespace}_{target._opname}_{target._overloadname}"
                         fn = ops[target] = global_name(base, target._op)
                     else:
                         fn = ops[target] = global_name(f"_mlo_f{len(ops)}", target)
-                call = [arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in node.kwargs.items()]
-                line = f"    {node.name} = {fn}({', '.join(call)})"
+                call = ", ".join([arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in node.kwargs.items()])
+                items = _unpacking(node)
+                if items is None:
+                    line = f"    {node.name} = {fn}({call})"
+                else:  # one statement binds the tuple's items (FX: the tuple, then a getitem line per item)
+                    unpacked.add(node)
+                    bound = [item.name if item is not None else unused for item in items]
+                    line = f"    {', '.join(bound)}, = {fn}({call})"
+                    freed += [item.name for item in items if item is not None and not item.users]
+                    freed += [unused] if None in items else []
         else:
             return None
-        freed = last_uses.get(node, [])
-        if not node.users:
-            freed = [*freed, node]
+        if node not in unpacked and not node.users:
+            freed.append(node.name)
         if freed:
-            line += ";  " + " = ".join([n.name for n in freed]) + " = None"
+            line += ";  " + " = ".join(freed) + " = None"
         body.append(line)
     header = f"def forward(self{''.join(', ' + p for p in params)}):"
     return "\n".join([header, *body]) + "\n", scope

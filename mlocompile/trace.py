@@ -31,6 +31,7 @@ from mlocompile.step import StepFn
 from mlocompile.symbolic import keep_sizes_symbolic
 
 _TENSOR_META = operator.attrgetter("shape", "dtype", "device")  # NOTE: per step; 2.5x a generator's speed
+RECORD_TORCH_FN = False  # real traces without make_fx's torch-function metadata layer (tests compare both)
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,11 @@ def trace_step(
             if dynamic:
                 gm, fakes = _trace_symbolic(pure, flat.tensors, dynamic)
             else:
+                # NOTE: make_fx's torch-function layer only names nodes' torch functions (a ``torch_fn`` meta that
+                # slim_meta drops) and rewrites symbolic ``size()`` calls: in a real trace it is overhead per call
                 with one_meta_mode():
-                    gm, fakes = make_fx(pure, tracing_mode="real")(*[t.detach() for t in flat.tensors]), None
+                    record = make_fx(pure, tracing_mode="real", _disable_torch_fn_metadata_mode=not RECORD_TORCH_FN)
+                    gm, fakes = record(*[t.detach() for t in flat.tensors]), None
     except MLOError:
         raise
     except RuntimeError as exc:

@@ -17,8 +17,7 @@ import torch
 from torch._ops import OpOverload
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_mutated_storages, find_storage_base, same_symbolic_layout
-from passes.eliminate_dead_code import remove_dead_nodes
+from mlocompile.analysis import find_mutated_storages, find_storage_base, is_impure, same_symbolic_layout
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor, aten.add.Scalar}
@@ -173,6 +172,8 @@ def simplify_no_ops(gm: GraphModule) -> GraphModule:
             continue
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
-    remove_dead_nodes(gm.graph)  # e.g. the zeros_like and inner t() a rewrite orphaned
+    for node in reversed(gm.graph.nodes):  # e.g. the zeros_like and inner t() a rewrite orphaned
+        if not node.users and not is_impure(node):
+            gm.graph.erase_node(node)
     gm.recompile()
     return gm

@@ -152,3 +152,32 @@ def test_make_fx_cleanup_is_skipped_only_where_it_would_delete_nothing() -> None
         assert g.eliminate_dead_code() and len(g.nodes) == 2  # other callers: fx's walk as ever
     assert str(fast.graph) == str(plain.graph)
     assert any(n.target is torch.ops.aten.sin.default for n in fast.graph.nodes)
+
+
+def test_real_traces_drop_make_fx_torch_function_layer_and_record_the_same_graph() -> None:
+    """trace_step records without make_fx's torch-function metadata layer (``RECORD_TORCH_FN``): it only
+    names each node's torch function (meta that slim_meta drops) and rewrites symbolic size() calls."""
+    graphs, calls = [], []
+    layer = proxy_tensor.TorchFunctionMetadataMode
+    original = layer.__torch_function__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[-1] += 1
+        return original(self, *args, **kwargs)
+
+    layer.__torch_function__ = counted  # type: ignore[method-assign]
+    try:
+        for keep in (True, False):
+            calls.append(0)
+            torch.manual_seed(0)
+            net = _Net().double()
+            fn, flat = _step(net)
+            x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+            with torch.fx.traceback.preserve_node_meta(), trace.one_meta_mode():
+                gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=not keep)(x, *flat)
+            graphs.append(gm)
+    finally:
+        layer.__torch_function__ = original  # type: ignore[method-assign]
+    assert calls[0] > 50 and calls[1] == 0
+    assert str(graphs[0].graph) == str(graphs[1].graph)
+    assert trace.RECORD_TORCH_FN is False
