@@ -12,7 +12,10 @@ Sizes are the exception: when a step meets inputs that differ from an earlier tr
 only in some sizes (a last partial batch, another sequence length), it is traced once
 more with exactly those dimensions symbolic, and that graph serves every later size
 its guard accepts (``TracedStep.accepts``): 40 batch sizes cost two traces, or three
-when one of them is 1 (make_fx specializes sizes 0 and 1).
+when one of them is 1 (make_fx specializes sizes 0 and 1). Where the step's code fixes
+a size (``nn.LSTM``'s sequence length, ``int(x.shape[0])``), each new size there would
+trace again: after ``SIZE_FIXED_LIMIT`` graphs of one input structure, inputs of other
+such sizes run the step eagerly (``EagerStep``; the same function, the same results).
 """
 
 from __future__ import annotations
@@ -36,11 +39,21 @@ from mlocompile.hypergrad import METHOD_RULES
 from mlocompile.optim import FunctionalOptimizer
 from mlocompile.program import ProgramGraph
 from mlocompile.step import StepFn, StepVariant, build_step
-from mlocompile.trace import FlatInputs, TracedStep, data_inputs, flatten_inputs, shape_guard, trace_step
+from mlocompile.trace import (
+    FlatInputs,
+    TracedStep,
+    data_inputs,
+    flatten_inputs,
+    input_names,
+    shape_guard,
+    trace_step,
+    unflatten_inputs,
+)
 from passes.plan_static_buffers import BufferPool
 from passes.report import PassReport
 
 RETRACE_WARNING = 8  # distinct input shapes of one step before the compiler warns
+SIZE_FIXED_LIMIT = 3  # graphs of one input structure whose sizes the code fixes; other sizes run eagerly
 CACHE_LIMIT = 32  # traced graphs (and step functions) kept per step; the least recently used goes first
 ALIAS_LIMIT = 1024  # input signatures remembered as served by a symbolic graph (forgotten ones re-check its guard)
 
@@ -98,7 +111,9 @@ class Compiler:
         # per input structure (the key without sizes): the shapes traced at fixed sizes, the symbolic graphs
         self._sized: OrderedDict[tuple[Any, ...], list[tuple[tuple[int, ...], ...]]] = OrderedDict()
         self._symbolic: OrderedDict[tuple[Any, ...], list[TracedStep]] = OrderedDict()
-        self._served: OrderedDict[tuple[Any, ...], TracedStep] = OrderedDict()  # exact key -> symbolic graph
+        # exact key -> the symbolic graph that serves it, or the eager step past SIZE_FIXED_LIMIT
+        self._served: OrderedDict[tuple[Any, ...], TracedStep | EagerStep] = OrderedDict()
+        self._eager_warned: set[str] = set()
         self._fixed_only: set[tuple[Any, ...]] = set()  # structures whose symbolic trace failed (warned once)
         self._pinned: OrderedDict[tuple[Any, ...], set[tuple[int, int]]] = OrderedDict()  # sizes traces specialized
 
@@ -149,7 +164,7 @@ class Compiler:
 
     def traced(
         self, variant: StepVariant, inputs: dict[str, Any], options: CompileOptions, flat: FlatInputs | None = None
-    ) -> TracedStep:
+    ) -> TracedStep | EagerStep:
         """Return the compiled step for these inputs, tracing and optimizing it if new."""
         flat = flatten_inputs(inputs) if flat is None else flat
         opt_sig = self.optimizers[variant.problem].signature()
@@ -157,10 +172,18 @@ class Compiler:
         structure = self.program.structure()  # Engine.set_dependency swaps the program
         settings = (variant, options, opt_sig, structure)
         key = (*settings, flat.key(), self.config_key(), self.fp.training_flags())
-        traced = self._traced.get(key) or self._served.get(key)
+        served = self._traced.get(key) or self._served.get(key)
+        if isinstance(served, EagerStep):
+            return served
+        traced = served
         if traced is None:
             base = (*settings, flat.structure(), self.config_key(), self.fp.training_flags())
             traced = next((t for t in self._symbolic.get(base, ()) if t.accepts(flat)), None)
+            if traced is None and self._bounded(variant, base, inputs, flat):
+                eager = self._served[key] = EagerStep(self.step_fn(variant, options), variant.title)
+                if len(self._served) > ALIAS_LIMIT:
+                    self._served.popitem(last=False)
+                return eager
             if traced is None:
                 traced = self._compile_new(variant, inputs, flat, options, base)
                 self._evict(self._traced, variant, "traced graphs (one per input shape and setting)")
@@ -238,6 +261,41 @@ class Compiler:
         if any(now[i][d] < 2 for i, d in dims):  # make_fx specializes sizes 0 and 1: trace this one at its sizes
             return frozenset()
         return frozenset(dims)
+
+    def _bounded(self, variant: StepVariant, base: tuple[Any, ...], inputs: dict[str, Any], flat: FlatInputs) -> bool:
+        """Whether these inputs run eagerly instead of tracing again: ``SIZE_FIXED_LIMIT`` graphs of this
+        input structure exist and none of them was traced at these inputs' sizes of the dimensions the
+        step's code fixes (``_pinned``: e.g. ``nn.LSTM``'s sequence length, ``int(x.shape[0])``), or,
+        where symbolic tracing failed for the structure, at these inputs' sizes at all. Warns once per
+        step."""
+        traced = [*self._sized.get(base, ()), *(g.shapes for g in self._symbolic.get(base, ()))]
+        if len(traced) < SIZE_FIXED_LIMIT:
+            return False
+        now = flat.shapes()
+        if base in self._fixed_only:
+            fixed = [(i, d) for i, shape in enumerate(now) for d in range(len(shape))]
+        else:
+            fixed = sorted(self._pinned.get(base, ()))
+            if not fixed:
+                return False
+        if any(all(now[i][d] == shapes[i][d] for i, d in fixed) for shapes in traced):
+            return False  # a graph of these fixed sizes exists: the symbolic machinery bounds the rest
+        if variant.title not in self._eager_warned:
+            self._eager_warned.add(variant.title)
+            names = input_names(inputs)
+            where = (
+                "its inputs' sizes (it could not be traced with symbolic sizes)"
+                if base in self._fixed_only
+                else ", ".join(f"{names[id(flat.tensors[i])][0]} dim {d}" for i, d in fixed)
+            )
+            warnings.warn(
+                f"{variant.title}: the step's code fixes {where} (e.g. nn.LSTM's sequence length, or "
+                f"int(x.shape[0]) in a loss), so every new size would trace it again; {len(traced)} graphs are "
+                "traced, and inputs of other sizes there run the same step eagerly (the same results, at eager "
+                "speed). Pad to a few sizes to keep every step compiled",
+                stacklevel=5,
+            )
+        return True
 
     def _bound(self, cache: OrderedDict[tuple[Any, ...], Any]) -> None:
         """Keep a per-structure record to the ``8 * CACHE_LIMIT`` most recently added structures."""
@@ -396,3 +454,14 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+class EagerStep:
+    """A step run eagerly where tracing it again for new sizes would not end (``Compiler._bounded``):
+    the same step function the traced graphs were traced from, called on the inputs."""
+
+    def __init__(self, fn: StepFn, title: str) -> None:
+        self.fn, self.title = fn, title
+
+    def __call__(self, flat: FlatInputs) -> dict[str, Any]:
+        return self.fn(unflatten_inputs(flat, flat.tensors))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import corpus
+import mlocompile.compiler as compiler
 import programs
 
 SIZES = [16, 16, *range(2, 16), *range(17, 40), 1]  # 39 distinct sizes ≥ 2, then a batch of one
@@ -103,16 +104,17 @@ def test_a_symbolic_graph_is_not_reused_where_its_guard_fails():
     assert _traces(engine)["step_inner"] <= 4  # fixed, symbolic ≤ 8, and symbolic > 8 (if not served first)
 
 
-def test_code_that_fixes_the_size_traces_each_shape_and_warns_once():
-    # int(x.shape[0]) specializes the symbol: the symbolic graph serves one size only, so the
-    # compiler goes back to fixed-size traces (results stay exact) and warns once at the ninth
+def test_code_that_fixes_the_size_traces_three_graphs_then_runs_eagerly_and_warns_once():
+    # int(x.shape[0]) specializes the symbol: the symbolic graph serves one size only. Each new size
+    # would trace again, so after SIZE_FIXED_LIMIT graphs the other sizes run the same step eagerly
+    # (results stay exact) and the compiler says so once per step
     class Fixed(programs.Reweighted):
         def training_step(self, batch):
             x, t = batch
             per = F.cross_entropy(self.module(x), t, reduction="none").reshape(-1, 1)
             return (torch.sigmoid(self.outer(per.detach())) * per).sum() / int(x.shape[0])
 
-    sizes = list(range(2, 14))
+    sizes = [*range(2, 14), 3, 2]
     results = {}
     for backend in ("eager", "fx"):
         torch.manual_seed(0)
@@ -120,10 +122,16 @@ def test_code_that_fixes_the_size_traces_each_shape_and_warns_once():
         record = _run(engine, len(sizes))
         results[backend] = _params(engine)
     assert _max_rel(results["fx"], results["eager"]) <= 1e-12
-    warned = [str(r.message) for r in record if "different input shapes" in str(r.message)]
-    assert len([w for w in warned if w.startswith("step_inner")]) == 1
-    assert _traces(engine)["step_inner"] == len(sizes)
+    eager = [str(r.message) for r in record if "run the same step eagerly" in str(r.message)]
+    # the upper's step runs the lower's loss on its last batch: it is fixed there too
+    assert sorted(m.split(":")[0] for m in eager) == ["step_inner", "step_outer"], eager
+    assert "fixes batch.0 dim 0" in eager[0] + eager[1]
+    assert not [r for r in record if "different input shapes" in str(r.message)]
+    traces = _traces(engine)
+    assert traces["step_inner"] == 3 and traces["step_outer"] <= 3, traces  # fixed (2), symbolic (3), fixed (4)
     assert sum(len(g) for g in engine.compiler._symbolic.values()) <= 2  # tried once per step, then not again
+    served = [s.title for s in engine.compiler._served.values() if isinstance(s, compiler.EagerStep)]
+    assert served.count("step_inner") == len(set(sizes)) - 3  # 5..13 run eagerly; 2, 3 and 4 their graphs
 
 
 def _corpus_batches(model: corpus.Model, shapes: list[tuple[int, int]], seed: int, with_idx: bool):
@@ -145,7 +153,8 @@ def _corpus_batches(model: corpus.Model, shapes: list[tuple[int, int]], seed: in
 
 
 # NOTE: the LSTM's length stays fixed: at::lstm loops over time steps (it unbinds the input into one
-# tensor per step), so a symbolic trace fixes the length and each length traces once (README, "Sizes may vary")
+# tensor per step), so a symbolic trace fixes the length; beyond 3 graphs other lengths run eagerly
+# (README, "Sizes may vary"; test_lstm_over_many_sequence_lengths_... below)
 @pytest.mark.parametrize(
     ("name", "vary_length", "method"),
     [
@@ -169,6 +178,28 @@ def test_real_models_with_varying_batches_and_lengths(name, vary_length, method)
         results[backend] = [p.detach().clone() for p in [*net.parameters(), *lam.parameters()]]
     assert _max_rel(results["fx"], results["eager"]) <= 1e-10
     assert max(_traces(engine).values()) <= 3, _traces(engine)
+
+
+def test_lstm_over_many_sequence_lengths_traces_at_most_three_graphs_then_runs_eagerly():
+    # at::lstm steps through time one tensor per step, so the length is a trip count: each length
+    # would trace again. Three graphs are traced (the batch stays symbolic in them); other lengths
+    # run eagerly, with the same results, and each step warns once naming the length dimension
+    lengths = [5, 5, 4, 7, 3, 6, 8, 9, 10, 4, 5, 11]
+    shapes = list(zip([8, 8, 6, 5, 7, 4, 3, 6, 5, 7, 8, 4], lengths))
+    results = {}
+    for backend in ("eager", "fx"):
+        engine, net, lam = corpus.build("lstm", "darts", backend)
+        problems = engine.program.problems
+        problems["lower"].train_data_loader = _corpus_batches(corpus.MODELS["lstm"], shapes, 0, with_idx=True)
+        problems["upper"].train_data_loader = _corpus_batches(corpus.MODELS["lstm"], shapes[::-1], 1, with_idx=False)
+        torch.manual_seed(3)
+        record = _run(engine, len(shapes))
+        results[backend] = [p.detach().clone() for p in [*net.parameters(), *lam.parameters()]]
+    assert _max_rel(results["fx"], results["eager"]) <= 1e-10
+    assert max(_traces(engine).values()) <= 3, _traces(engine)
+    eager = [str(r.message) for r in record if "run the same step eagerly" in str(r.message)]
+    assert {m.split(":")[0] for m in eager} == {"step_lower", "step_upper"} and len(eager) == 2, eager
+    assert all("dim 1" in m for m in eager)
 
 
 @pytest.mark.slow
