@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch.fx import Graph, GraphModule
+from torch.fx import GraphModule
 
-from mlocompile.analysis import is_impure
+from mlocompile.ir import remove_dead_nodes
 
 
 def eliminate_dead_code(gm: GraphModule) -> GraphModule:
@@ -22,15 +22,3 @@ def eliminate_dead_code(gm: GraphModule) -> GraphModule:
     remove_dead_nodes(gm.graph)
     gm.recompile()
     return gm
-
-
-def remove_dead_nodes(graph: Graph) -> None:
-    """Erase pure nodes without users, last first (so their inputs' users update as it goes).
-
-    What torch.fx's ``Graph.eliminate_dead_code`` does, without its lint of the whole
-    graph first and with purity decided once per operator (together ~1 s on a
-    66,000-node step); the pipeline's graphs are verified (linted) after every pass.
-    """
-    for node in reversed(graph.nodes):
-        if not node.users and not is_impure(node):
-            graph.erase_node(node)

@@ -17,7 +17,8 @@ import torch
 from torch._ops import OpOverload
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import find_mutated_storages, find_storage_base, is_impure, same_symbolic_layout
+from mlocompile.analysis import find_mutated_storages, find_storage_base, same_symbolic_layout
+from mlocompile.ir import remove_dead_nodes
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor, aten.add.Scalar}
@@ -172,8 +173,6 @@ def simplify_no_ops(gm: GraphModule) -> GraphModule:
             continue
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
-    for node in reversed(gm.graph.nodes):  # e.g. the zeros_like and inner t() a rewrite orphaned
-        if not node.users and not is_impure(node):
-            gm.graph.erase_node(node)
+    remove_dead_nodes(gm.graph)  # e.g. the zeros_like and inner t() a rewrite orphaned
     gm.recompile()
     return gm
