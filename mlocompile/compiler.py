@@ -306,7 +306,9 @@ class Compiler:
         """Trace every step variant of problem ``name`` (accumulating and updating) for ``inputs``."""
         accumulates = self.program.problems[name].config.gradient_accumulation > 1
         for update in [False, True] if accumulates else [True]:
-            self.traced(StepVariant(name, update), inputs, options)
+            step = self.traced(StepVariant(name, update), inputs, options)
+            if isinstance(step, TracedStep):
+                step.first = None  # nothing runs now: the trace's results need not be kept
 
     def snapshot(self) -> CompiledProgram:
         """What has been emitted so far: the latest graph of every step, and the pass report."""
@@ -326,9 +328,12 @@ class Compiler:
     def _compile_now(
         self, variant: StepVariant, flat: FlatInputs, options: CompileOptions, dynamic: frozenset[tuple[int, int]]
     ) -> TracedStep:
-        traced = trace_step(self.step_fn(variant, options), flat, variant.title, dynamic)
         fx = options.compile == "fx"
         cfg = self.program.problems[variant.problem].config
+        # NOTE: the fx runner calls the kernels the trace ran, on the same values (under AMP the casts
+        # change them); a run over several processes keeps every rank's collectives in one order
+        keep = fx and cfg.precision == "fp32" and options.world_size == 1
+        traced = trace_step(self.step_fn(variant, options), flat, variant.title, dynamic, keep_result=keep)
         traced.gm = passes.run_graph_pipeline(
             traced.gm,
             variant.title,

@@ -294,3 +294,148 @@ def test_step_source_writes_the_statements_fx_writes():
     assert step_source(odd) is None  # call_method: FX's own source, rebound
     t = torch.randn(3)
     assert torch.equal(direct_runner(odd, "odd")(t), torch.relu(t))
+
+
+class _NoisyReweighted(mlo.ImplicitProblem):
+    def training_step(self, batch):
+        x, t = batch
+        per = torch.nn.functional.cross_entropy(self.module(x), t, reduction="none").reshape(-1, 1)
+        return (torch.sigmoid(self.outer(per.detach())) * per).mean()
+
+
+def _noisy_mwn():
+    """Meta-Weight-Net whose classifier has BatchNorm (running statistics) and dropout (random draws)."""
+    from programs import Meta, mwn_data
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)
+    )
+    wnet = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    inner = _NoisyReweighted(
+        "inner", mlo.Config(type="darts"), net, torch.optim.SGD(net.parameters(), lr=0.1), train_data_loader=mwn_data(0)
+    )
+    outer = Meta("outer", mlo.Config(), wnet, torch.optim.Adam(wnet.parameters(), lr=1e-2), train_data_loader=mwn_data(1))
+    return mlo.Engine(
+        [outer, inner], mlo.EngineConfig(compile="fx", progress=False), {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}
+    )
+
+
+def test_the_call_after_a_real_trace_takes_what_the_trace_computed(monkeypatch):
+    """A real trace runs the step on the actual inputs: the step's first call takes those results
+    (trace.FirstResult) instead of running the compiled graph. Over three steps with dropout and
+    BatchNorm, parameters, running statistics and the generator end bit for bit where running every
+    step compiled leaves them, with one compiled run fewer per graph; Engine.compile() (a trace with
+    no call after it) keeps nothing."""
+    import mlocompile.compiler as compiler
+    from mlocompile.trace import FirstResult
+
+    runs = []
+    direct = compiler.direct_runner
+
+    def counting(gm, title):
+        run = direct(gm, title)
+
+        def counted(*tensors):
+            runs.append(title)
+            return run(*tensors)
+
+        return counted
+
+    monkeypatch.setattr(compiler, "direct_runner", counting)
+
+    def three_steps(compile_first=False):
+        runs.clear()
+        torch.manual_seed(5)
+        engine = _noisy_mwn()
+        if compile_first:
+            engine.compile()
+        for _ in range(3):
+            engine.train_step()
+        state = [t.clone() for p in engine.program.problems.values() for t in p.module.state_dict().values()]
+        return state, torch.get_rng_state(), list(runs)
+
+    taken, taken_rng, taken_runs = three_steps()
+    monkeypatch.setattr(FirstResult, "serves", lambda self, tensors: False)
+    ran, ran_rng, ran_runs = three_steps()
+    assert len(taken) == len(ran) > 8
+    assert all(torch.equal(a, b) for a, b in zip(taken, ran))
+    assert torch.equal(taken_rng, ran_rng)
+    graphs = {"step_inner", "step_outer"}
+    assert set(ran_runs) == graphs and len(taken_runs) == len(ran_runs) - len(graphs)
+    monkeypatch.undo()
+    monkeypatch.setattr(compiler, "direct_runner", counting)
+    compiled, compiled_rng, compiled_runs = three_steps(compile_first=True)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, ran)) and torch.equal(compiled_rng, ran_rng)
+    assert compiled_runs == ran_runs
+
+
+def test_a_traces_result_serves_only_the_same_inputs_at_the_same_generator_state():
+    from mlocompile.trace import trace_step
+
+    x = torch.randn(3)
+    flat = flatten_inputs({"x": x})
+
+    def step(inputs):
+        return {"y": inputs["x"].sin() + torch.rand(3)}
+
+    before = torch.get_rng_state()
+    traced = trace_step(step, flat, "step_demo", keep_result=True)
+    assert torch.equal(torch.get_rng_state(), before)  # the trace leaves the generator as it was
+    first = traced.first
+    assert first is not None and first.serves(flat.tensors)
+    torch.rand(1)
+    assert not first.serves(flat.tensors)  # the generator moved: the draws would differ
+    torch.set_rng_state(before)
+    assert not first.serves(flatten_inputs({"x": x.detach()}).tensors)  # another tensor object (a new step's read)
+    x.add_(0)
+    assert not first.serves(flat.tensors)  # written since the trace
+    flat2 = flatten_inputs({"x": torch.randn(3)})
+    start = torch.get_rng_state()
+    traced = trace_step(step, flat2, "step_demo", keep_result=True)
+    want = traced.gm(*flat2.tensors)[0]
+    moved = torch.get_rng_state()
+    torch.set_rng_state(start)
+    got = traced(flat2)["y"]  # served: the generator moves on as running the graph moved it
+    assert torch.equal(got, want) and torch.equal(torch.get_rng_state(), moved) and traced.first is None
+    torch.set_rng_state(start)
+    assert torch.equal(traced(flat2)["y"], want)  # later calls run the graph
+    assert trace_step(step, flat2, "step_demo").first is None
+
+
+def test_a_long_step_runs_in_compiled_pieces_with_the_same_results_and_tracebacks(monkeypatch):
+    """backends._chunked_runner: past CHUNK_LINES statements the step source compiles in pieces (Python's
+    compiler holds a whole unit's syntax tree: ~450 MB for a 49,000-statement step); the pieces compute
+    what the GraphModule computes, bit for bit, and an error still quotes the failing statement."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import mlocompile.backends as backends
+
+    def step(w, x):
+        h = x
+        for _ in range(6):
+            h = torch.tanh(h @ w) * 0.5 + h
+        return h.sum(), h.max(dim=1)
+
+    args = (torch.randn(4, 4), torch.randn(3, 4))
+    gm = make_fx(step)(*args)
+    pieces = []
+    chunked = backends._chunked_runner
+
+    def counting(gm, lines, scope, filename):
+        pieces.append(len(lines))
+        return chunked(gm, lines, scope, filename)
+
+    monkeypatch.setattr(backends, "_chunked_runner", counting)
+    monkeypatch.setattr(backends, "CHUNK_LINES", 5)
+    run = backends.direct_runner(gm, "step_long")
+    assert pieces and pieces[0] > 20  # well past 5 lines: several pieces
+    want, got = torch.utils._pytree.tree_leaves(gm(*args)), torch.utils._pytree.tree_leaves(run(*args))
+    assert len(want) == len(got) == 3
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    with pytest.raises(RuntimeError) as info:
+        run(torch.randn(5, 4), args[1])
+    frame = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert frame.filename.startswith("<mlocompile step_long>") and "_aten_mm_default(" in frame.line
+    src, _ = backends.step_source(gm)
+    assert src.splitlines()[frame.lineno - 1].strip() == frame.line.strip()

@@ -47,7 +47,7 @@ def timed(module: Any, name: str, info: Any = None) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    timed(compiler, "trace_step", info=lambda fn, flat, title, *a: title)
+    timed(compiler, "trace_step", info=lambda fn, flat, title, *a, **k: title)
     timed(compiler, "direct_runner", info=lambda gm, title: f"{title} nodes={len(gm.graph.nodes)}")
     timed(dependencies, "find_parameter_uses")
     timed(passes, "run_check", info=lambda gm, name, title, *a, **k: f"{title}:{name}")
