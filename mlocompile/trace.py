@@ -371,11 +371,13 @@ def one_meta_mode() -> Iterator[None]:
       meta, dropped by ``slim_meta``). Anything else goes to make_fx's own
       ``__torch_dispatch__``. ``tests/test_recording.py`` compares the two graphs.
     - make_fx's dead-code walk at the end of the trace is skipped: its predicate keeps
-      every node but size accessors and SymInt arithmetic, which a real trace has none of.
+      every node but size accessors and SymInt arithmetic, which a real trace has none of;
+      so is its merging of repeated SymInt nodes (``dedupe_symints``), for the same reason.
 
     Measured with ``benchmarks/betty_ports_first_step.py`` (see the README's table).
     """
     from torch._guards import TracingContext, tracing
+    from torch._inductor.fx_passes import dedupe_symint_uses  # NOTE: make_fx imports it at the end of every trace
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx import proxy as fx_proxy
     from torch.fx.experimental import proxy_tensor
@@ -476,6 +478,8 @@ def one_meta_mode() -> Iterator[None]:
         return dce(graph, is_impure_node)
 
     fx_graph.Graph.eliminate_dead_code = keep_real_trace  # type: ignore[method-assign, assignment]
+    dedupe = dedupe_symint_uses.dedupe_symints
+    dedupe_symint_uses.dedupe_symints = _no_symints
     proxy_tensor.extract_val = extract_val
     tensor_meta = proxy_tensor._extract_tensor_metadata
     proxy_tensor._extract_tensor_metadata = _no_tensor_meta  # type: ignore[assignment]
@@ -489,6 +493,7 @@ def one_meta_mode() -> Iterator[None]:
         proxy_tensor.extract_val = original
         mode_cls.__torch_dispatch__ = dispatch  # type: ignore[method-assign]
         fx_graph.Graph.eliminate_dead_code = dce  # type: ignore[method-assign]
+        dedupe_symint_uses.dedupe_symints = dedupe
         proxy_tensor._extract_tensor_metadata = tensor_meta
         tracer_cls.create_arg = create_arg  # type: ignore[method-assign]
         fx_graph.pytree = graph_pytree
@@ -583,6 +588,10 @@ class _NoSymIntScan:
 
 def _no_tensor_meta(val: Any, include_contiguity: bool = True) -> None:
     return None
+
+
+def _no_symints(graph: fx_graph.Graph) -> None:
+    """``dedupe_symints`` for a real trace: its nodes hold no SymInt values, so there is nothing to merge."""
 
 
 def _value_read_advice(exc: BaseException) -> str:

@@ -100,8 +100,8 @@ def test_dropped_reevaluations_trace_no_statistics_update(monkeypatch):
     counts: dict[str, int] = {}
     trace = compiler.trace_step
 
-    def counting(fn, flat, title, dynamic=frozenset()):
-        traced = trace(fn, flat, title, dynamic)
+    def counting(fn, flat, title, dynamic=frozenset(), **options):
+        traced = trace(fn, flat, title, dynamic, **options)
         counts[title] = sum(n.target is torch.ops.aten.var.correction for n in traced.gm.graph.nodes)
         return traced
 

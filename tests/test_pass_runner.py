@@ -131,3 +131,24 @@ def test_verify_lints_what_fx_lint_checks(how, message):
         verify(gm)
     with pytest.raises(Exception):  # noqa: B017 - fx's own lint agrees it is broken
         gm.graph.lint()
+
+
+def test_verify_wants_exactly_one_output_and_annotated_nodes():
+    from mlocompile.errors import IRVerificationError
+    from mlocompile.ir import verify
+
+    gm = _graph()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_after(out):
+        gm.graph.output(out.args[0])
+    with pytest.raises(IRVerificationError, match="step graph has 2 outputs, expected 1"):
+        verify(gm)
+    gm = _graph()
+    gm.graph.erase_node(next(n for n in gm.graph.nodes if n.op == "output"))
+    with pytest.raises(IRVerificationError, match="step graph has 0 outputs, expected 1"):
+        verify(gm)
+    gm = _graph()
+    relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+    del relu.meta["mlo.problem"]
+    with pytest.raises(IRVerificationError, match=f"node {relu.name} .* lacks mlo.problem/mlo.role"):
+        verify(gm)
