@@ -30,22 +30,39 @@ HIDDEN_WRITES: dict[Any, tuple[tuple[int, ...], int]] = {
 }
 
 
+_HIDDEN_WRITERS = frozenset(map(id, HIDDEN_WRITES))
+
 # NOTE: per operator overload, the (position, name) of each argument its schema marks written; the
-# analyses below run over every node of 100,000-node steps several times, and a schema walk is slow
-_WRITTEN_SLOTS: dict[Any, tuple[tuple[int, str], ...]] = {}
+# analyses below run over every node of 100,000-node steps several times, and a schema walk is slow.
+# These caches are keyed by id(): an OpOverload compares by identity but hashes through a Python
+# __hash__, a frame per lookup; each entry holds its target, so no other object can take its id.
+_WRITTEN_SLOTS: dict[int, tuple[Any, tuple[tuple[int, str], ...]]] = {}
 
 
 def written_slots(target: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
     """The (position, name) of each argument ``target``'s schema marks written (none: the schema is not
     mutable)."""
-    slots = _WRITTEN_SLOTS.get(target)
-    if slots is None:
-        slots = _WRITTEN_SLOTS[target] = tuple(
-            (i, arg.name)
-            for i, arg in enumerate(target._schema.arguments)
-            if arg.alias_info is not None and arg.alias_info.is_write
-        )
+    entry = _WRITTEN_SLOTS.get(id(target))
+    if entry is not None and entry[0] is target:
+        return entry[1]
+    slots = tuple(
+        (i, arg.name)
+        for i, arg in enumerate(target._schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    )
+    _WRITTEN_SLOTS[id(target)] = (target, slots)
     return slots
+
+
+def writes_an_argument(node: Node) -> bool:
+    """``bool(find_written_args(node))`` or a mutable schema (a write into a non-node argument counts):
+    whether ``node`` may write into anything it is given. Cheap for the common op that writes nothing."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if written_slots(target):
+        return True
+    return id(target) in _HIDDEN_WRITERS and bool(find_written_args(node))
 
 
 def find_written_args(node: Node) -> list[Node]:
@@ -58,14 +75,14 @@ def find_written_args(node: Node) -> list[Node]:
         value = node.args[i] if i < len(node.args) else node.kwargs.get(name)
         if isinstance(value, Node):
             written.append(value)
-    if target in HIDDEN_WRITES:
+    if id(target) in _HIDDEN_WRITERS:
         positions, training = HIDDEN_WRITES[target]
         if len(node.args) > training and node.args[training]:
             written += [a for i in positions if isinstance(a := node.args[i], Node)]
     return written
 
 
-_IMPURE: dict[Any, bool] = {}
+_IMPURE: dict[int, tuple[Any, bool]] = {}  # by id(), as _WRITTEN_SLOTS
 
 
 def is_impure(node: Node) -> bool:
@@ -76,10 +93,38 @@ def is_impure(node: Node) -> bool:
     # NOTE: a higher-order op's purity depends on its arguments (auto_functionalized's op)
     if node.op != "call_function" or isinstance(target, torch._ops.HigherOrderOperator):
         return node.is_impure()
-    impure = _IMPURE.get(target)
-    if impure is None:
-        impure = _IMPURE[target] = node.is_impure()
+    entry = _IMPURE.get(id(target))
+    if entry is not None and entry[0] is target:
+        return entry[1]
+    impure = node.is_impure()
+    _IMPURE[id(target)] = (target, impure)
     return impure
+
+
+_ALIAS_PLANS: dict[int, tuple[Any, tuple[tuple[int, str], ...] | None]] = {}  # by id(), as _WRITTEN_SLOTS
+
+
+def alias_plan(target: torch._ops.OpOverload) -> tuple[tuple[int, str], ...] | None:
+    """None if ``target``'s result shares no input's storage; else the (position, name) of the arguments
+    it may share, in schema order (empty: it shares its first input's, e.g. ``UNANNOTATED_VIEWS``)."""
+    entry = _ALIAS_PLANS.get(id(target))
+    if entry is not None and entry[0] is target:
+        return entry[1]
+    plan: tuple[tuple[int, str], ...] | None = ()
+    if target not in UNANNOTATED_VIEWS:
+        infos = [r.alias_info for r in target._schema.returns if r.alias_info is not None]
+        if not infos:
+            plan = None
+        else:
+            # NOTE: list returns (split, unbind: Tensor(a)[]) expose empty alias sets to Python
+            sets = {s for info in infos for s in info.before_set}
+            plan = tuple(
+                (i, arg.name)
+                for i, arg in enumerate(target._schema.arguments)
+                if arg.alias_info is not None and (not sets or sets & set(arg.alias_info.before_set))
+            )
+    _ALIAS_PLANS[id(target)] = (target, plan)
+    return plan
 
 
 def aliased_input(node: Node) -> Node | None:
@@ -87,20 +132,14 @@ def aliased_input(node: Node) -> Node | None:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return None
-    first = next((x for x in node.all_input_nodes), None)
-    if target in UNANNOTATED_VIEWS:
-        return first
-    infos = [r.alias_info for r in target._schema.returns if r.alias_info is not None]
-    if not infos:
+    plan = alias_plan(target)
+    if plan is None:
         return None
-    # NOTE: list returns (split, unbind: Tensor(a)[]) expose empty alias sets to Python
-    sets = {s for info in infos for s in info.before_set}
-    for i, arg in enumerate(target._schema.arguments):
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        if arg.alias_info is not None and isinstance(value, Node):
-            if not sets or sets & set(arg.alias_info.before_set):
-                return value
-    return first
+    for i, name in plan:
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(name)
+        if isinstance(value, Node):
+            return value
+    return next((x for x in node.all_input_nodes), None)
 
 
 def find_storage_base(node: Node) -> Node:

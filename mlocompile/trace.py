@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, Shap
 
 from mlocompile.errors import MLOError, TraceError
 from mlocompile.functional import reads_a_value
-from mlocompile.ir import adopt_annotations, slim_meta
+from mlocompile.ir import slim_meta
 from mlocompile.step import StepFn
 from mlocompile.symbolic import keep_sizes_symbolic
 
@@ -294,8 +294,7 @@ def trace_step(
         torch.set_rng_state(rng[0])
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    adopt_annotations(gm)
-    slim_meta(gm)
+    slim_meta(gm, adopt=True)
     linecache.clearcache()  # filled by the fake tensors' captured stacks; nothing reads it later
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = input_names(unflatten_inputs(flat, flat.tensors))

@@ -71,20 +71,21 @@ def eliminate_common_subexpressions(gm: GraphModule) -> GraphModule:
             continue
         if written and any(find_storage_base(x) in written for x in (node, *node.all_input_nodes)):
             continue  # its value, or an input's, changes in place: equal arguments need not mean equal values
+        # NOTE: a checkpointed itd replay recomputes its forward on purpose; merging it
+        # with the forward sweep would keep every step's values alive again. Targets compare by
+        # identity (operator overloads, functions): keyed by id(), a graph node keeps each alive
+        key = (
+            id(node.target),
+            _args_key(node.args),
+            _key(node.kwargs) if node.kwargs else (),
+            node.meta.get("mlo.segment"),
+        )
         try:
-            # NOTE: a checkpointed itd replay recomputes its forward on purpose; merging it
-            # with the forward sweep would keep every step's values alive again
-            key = (
-                node.target,
-                _args_key(node.args),
-                _key(node.kwargs) if node.kwargs else (),
-                node.meta.get("mlo.segment"),
-            )
-            hash(key)
-        except TypeError:
+            earlier = seen.get(key)
+        except TypeError:  # an unhashable argument
             continue
-        if key in seen:
-            node.replace_all_uses_with(seen[key])
+        if earlier is not None:
+            node.replace_all_uses_with(earlier)
             gm.graph.erase_node(node)
         else:
             seen[key] = node

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from mlocompile.errors import IRVerificationError
 from mlocompile.program import ProgramGraph, VjpOp
@@ -64,17 +64,24 @@ def check_no_jacobians(gm: GraphModule, sizes: dict[str, int]) -> None:
     judged by; a real Jacobian of another shape is still caught.
     """
     dims = {d for d in sizes.values() if d > 1}
+    if not dims:
+        return
     users: set[tuple[int, ...]] = set()
-    for node in gm.graph.nodes:
-        user = node.meta.get("mlo.role") == "forward" or str(node.meta.get("mlo.input", "")).startswith("params.")
-        shape = tuple(getattr(node.meta.get("val"), "shape", ()))
-        if user and len(shape) == 2:
-            users |= {shape, shape[::-1]}
-    for node in gm.graph.nodes:
-        shape = tuple(getattr(node.meta.get("val"), "shape", ()))
-        if node.meta.get("mlo.role") == "forward" or shape in users:
+    judged: list[tuple[Node, tuple[int, ...]]] = []  # matrices made by anything but the user's forward
+    for node in gm.graph.nodes:  # NOTE: one walk, matrices only: most of 100,000 nodes need one lookup
+        size = getattr(node.meta.get("val"), "shape", None)
+        if size is None or len(size) != 2:
             continue
-        if len(shape) == 2 and shape[0] in dims and shape[1] in dims and shape[0] * shape[1] > max(dims):
+        shape = tuple(size)
+        forward = node.meta.get("mlo.role") == "forward"
+        if forward or str(node.meta.get("mlo.input", "")).startswith("params."):
+            users |= {shape, shape[::-1]}
+        if not forward:
+            judged.append((node, shape))
+    for node, shape in judged:
+        if shape in users:
+            continue
+        if shape[0] in dims and shape[1] in dims and shape[0] * shape[1] > max(dims):
             raise IRVerificationError(
                 f"node {node.name} ({node.target}) has shape {shape}, the shape of a best-response "
                 "Jacobian; hypergradients must be vector-Jacobian products"

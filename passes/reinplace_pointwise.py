@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from mlocompile.analysis import UNANNOTATED_VIEWS, same_symbolic_layout
+from mlocompile.analysis import alias_plan, same_symbolic_layout
 
 aten = torch.ops.aten
 
@@ -37,7 +37,7 @@ def _aliases(node: Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return True  # getitem of a multi-output op, Python builtins: be conservative
-    return target in UNANNOTATED_VIEWS or any(r.alias_info is not None for r in target._schema.returns)
+    return alias_plan(target) is not None
 
 
 def _read_later(a: Node, n: Node, pos: dict[Node, int]) -> bool:

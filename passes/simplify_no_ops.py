@@ -115,9 +115,9 @@ def _same_shape_view(node: Node, written: set[Node]) -> Node | None:
     return _node_arg(node.args[0])
 
 
-def _candidate(node: Node, written: set[Node]) -> Node | None:
-    """The input ``node`` returns unchanged, if a registered rule says it is a no-op, else None."""
-    for rule in NOOP_RULES.get(node.target, ()):  # type: ignore[call-overload]
+def _candidate(node: Node, written: set[Node], rules: dict[int, list[NoopRule]]) -> Node | None:
+    """The input ``node`` returns unchanged, if a rule (``rules``: ``NOOP_RULES`` by id) says it is a no-op."""
+    for rule in rules.get(id(node.target), ()):
         source = rule(node, written)
         if source is not None:
             return source
@@ -163,10 +163,12 @@ def simplify_no_ops(gm: GraphModule) -> GraphModule:
     """
     written = find_mutated_storages(gm)
     outputs = {a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
+    # NOTE: by id: an operator overload hashes through a Python __hash__, once per node otherwise
+    rules = {id(target): found for target, found in NOOP_RULES.items()}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node in outputs:
             continue
-        source = _candidate(node, written)
+        source = _candidate(node, written, rules)
         if source is None or not _same_tensor_meta(node, source):
             continue
         if find_storage_base(node) in written or find_storage_base(source) in written:

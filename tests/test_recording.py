@@ -18,7 +18,7 @@ from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mlocompile.trace as trace
-from mlocompile.ir import adopt_annotations, annotate
+from mlocompile.ir import annotate, slim_meta
 
 
 class _Net(nn.Module):
@@ -78,7 +78,7 @@ def _record(lean: bool, calls: list[int]) -> torch.fx.GraphModule:
     finally:
         proxy_tensor.proxy_call = original
         trace._lean_name = saved
-    adopt_annotations(gm)
+    slim_meta(gm, adopt=True)
     return gm
 
 
