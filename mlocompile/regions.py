@@ -20,12 +20,15 @@ second call simply runs (and is traced) again.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.fx import Node, Proxy
+from torch.fx import graph as fx_graph
+from torch.fx.immutable_collections import immutable_dict as fx_immutable_dict
 from torch.fx.node import map_arg
 
 
@@ -134,7 +137,10 @@ def _copy_region(tracer: Any, region: list[Node], leaves1: list[Any], leaves2: l
     graph = tracer.graph
     with disable_proxy_modes_tracing(), temporarily_clear_interpreter_stack():
         for n in region:
-            copies[n] = graph.node_copy(n, lambda x: copies.get(x) or remap.get(x, x))
+            # NOTE: graph.node_copy, by the tracer's fast path (append_node): the same node and name
+            args, kwargs = map_arg((n.args, n.kwargs), lambda x: copies.get(x) or remap.get(x, x))
+            copied = copies[n] = append_node(graph, n.op, n.target, args, kwargs, n.name, n.type)
+            copied.meta = copy.copy(n.meta)
             if n.op == "get_attr":
                 env[n] = getattr(tracer.root, n.target)  # type: ignore[arg-type]
             else:
@@ -154,3 +160,63 @@ def _copy_region(tracer: Any, region: list[Node], leaves1: list[Any], leaves2: l
 def _mutates(node: Node) -> bool:
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+
+
+_NAME_BASES: dict[str, tuple[str, str, int | None]] = {}  # a name candidate -> (candidate, base, its number)
+
+
+def _name_base(candidate: str) -> tuple[str, str, int | None]:
+    """``_Namespace.create_name``'s reading of a candidate: itself (made an identifier), its base, and
+    its numeric suffix (``getitem_12`` -> base ``getitem``, 12), cached per candidate."""
+    parsed = _NAME_BASES.get(candidate)
+    if parsed is None:
+        match = fx_graph._name_regex.match(candidate)
+        if match is None:  # not an identifier: fx's own path cleans it
+            return candidate, "", None
+        base, num = match.group(1, 2)
+        parsed = (candidate, base, None if num is None else int(num))
+        if len(_NAME_BASES) < 65536:  # NOTE: node names as candidates (copies) are mostly unique
+            _NAME_BASES[candidate] = parsed
+    return parsed
+
+
+def append_node(
+    graph: torch.fx.Graph,
+    op: str,
+    target: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    candidate: str,
+    type_expr: Any = None,
+) -> Node:
+    """``graph.create_node(op, target, args, kwargs, candidate, type_expr)`` for a tracer's hot path: the same
+    node, name and bookkeeping without its per-call argument scan and name parsing.
+
+    A trace records ~100,000 nodes, each through ``create_node``: its scan of the arguments
+    for raw SymInts (a real trace has none) and its regular-expression parse of the name
+    (repeated candidates: cached here) cost as much as the node. The name is chosen as
+    ``_Namespace.create_name`` chooses it; a candidate it would have to clean, or a graph
+    with creation hooks, goes through ``create_node`` itself.
+    """
+    owner = graph.owning_module
+    candidate, base, num = _name_base(candidate)
+    if not base or (owner is not None and getattr(owner, "_create_node_hooks", None)):
+        return graph.create_node(op, target, args, kwargs, candidate, type_expr)
+    namespace = graph._graph_namespace
+    used = namespace._used_names
+    if num is None or candidate in used:
+        num = namespace._base_count.get(base, 0)
+        if fx_graph._illegal_names.get(candidate) is not None:  # a keyword or builtin: numbered
+            num += 1
+            candidate = f"{base}_{num}"
+    while candidate in used:
+        num += 1
+        candidate = f"{base}_{num}"
+    used.add(candidate)
+    namespace._base_count[base] = num
+    node = Node(graph, candidate, op, target, args or (), kwargs or fx_immutable_dict(), type_expr)
+    namespace._obj_to_name[node] = candidate
+    graph._insert(node)
+    graph._find_nodes_lookup_table.insert(node)
+    graph._len += 1
+    return node

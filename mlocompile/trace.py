@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, Shap
 from mlocompile.errors import MLOError, TraceError
 from mlocompile.functional import reads_a_value
 from mlocompile.ir import slim_meta
+from mlocompile.regions import append_node
 from mlocompile.step import StepFn
 from mlocompile.symbolic import keep_sizes_symbolic
 
@@ -439,7 +440,7 @@ def one_meta_mode() -> Iterator[None]:
             return dispatch(proxy_mode, func, types, args, kwargs)
         graph = tracer.graph
         custom = fx_traceback.get_current_meta().get("custom")
-        node = graph.create_node("call_function", func, node_args, node_kwargs, name=name)
+        node = append_node(graph, "call_function", func, node_args, node_kwargs, name)  # type: ignore[arg-type]
         if custom is not None:
             node.meta["custom"] = copy.copy(custom)
         out = func(*args, **kwargs)
@@ -449,7 +450,7 @@ def one_meta_mode() -> Iterator[None]:
         elif kind is tuple and all(type(x) is torch.Tensor or x is None for x in out):
             node.meta["val"] = tuple([None if x is None else extract_val(x) for x in out])
             for i, x in enumerate(out):
-                item = graph.create_node("call_function", operator.getitem, (node, i), {}, name="getitem")
+                item = append_node(graph, "call_function", operator.getitem, (node, i), {}, "getitem")
                 if custom is not None:
                     item.meta["custom"] = copy.copy(custom)
                 if x is not None:

@@ -191,3 +191,27 @@ def test_real_traces_drop_make_fx_torch_function_layer_and_record_the_same_graph
     assert calls[0] > 50 and calls[1] == 0
     assert str(graphs[0].graph) == str(graphs[1].graph)
     assert trace.RECORD_TORCH_FN is False
+
+
+def test_append_node_names_and_files_nodes_as_create_node_does() -> None:
+    """regions.append_node (the tracer's and the region copy's fast path) gives each candidate the name
+    Graph.create_node would, files the node in fx's lookup table and counts it."""
+    from mlocompile.regions import append_node
+
+    candidates = ["getitem", "getitem", "convolution", "getitem_1", "getitem_7", "getitem", "sum", "sum", "max_1"]
+    candidates += ["convolution_3", "convolution", "a_1_2", "a_1", "a", "_1", "list", "for", "getitem_7", "x-y", "9lives"]
+    made = []
+    for fast in (False, True):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        for c in candidates:
+            if fast:
+                append_node(g, "call_function", torch.ops.aten.relu.default, (x,), {}, c)
+            else:
+                g.create_node("call_function", torch.ops.aten.relu.default, (x,), {}, name=c)
+        g.output(x)
+        g.lint()
+        assert len(g.find_nodes(op="call_function", target=torch.ops.aten.relu.default)) == len(candidates)
+        assert len(g.nodes) == len(candidates) + 2
+        made.append([n.name for n in g.nodes])
+    assert made[0] == made[1]
