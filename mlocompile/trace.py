@@ -6,6 +6,7 @@ import copy
 import linecache
 import operator
 import traceback
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch.fx import graph as fx_graph
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.utils.weak import WeakIdKeyDictionary, WeakIdRef
 
 from mlocompile.errors import MLOError, TraceError
 from mlocompile.functional import reads_a_value
@@ -478,6 +480,8 @@ def one_meta_mode() -> Iterator[None]:
         return dce(graph, is_impure_node)
 
     fx_graph.Graph.eliminate_dead_code = keep_real_trace  # type: ignore[method-assign, assignment]
+    tracker_cls = proxy_tensor.WeakTensorKeyDictionary
+    proxy_tensor.WeakTensorKeyDictionary = _TensorTracker  # type: ignore[misc]
     dedupe = dedupe_symint_uses.dedupe_symints
     dedupe_symint_uses.dedupe_symints = _no_symints
     proxy_tensor.extract_val = extract_val
@@ -493,6 +497,7 @@ def one_meta_mode() -> Iterator[None]:
         proxy_tensor.extract_val = original
         mode_cls.__torch_dispatch__ = dispatch  # type: ignore[method-assign]
         fx_graph.Graph.eliminate_dead_code = dce  # type: ignore[method-assign]
+        proxy_tensor.WeakTensorKeyDictionary = tracker_cls  # type: ignore[misc]
         dedupe_symint_uses.dedupe_symints = dedupe
         proxy_tensor._extract_tensor_metadata = tensor_meta
         tracer_cls.create_arg = create_arg  # type: ignore[method-assign]
@@ -569,6 +574,46 @@ _OWN_PATH = frozenset(
         torch.ops.prim.device.default,
     }
 )
+
+
+_MISSING = object()
+_referent = weakref.ref.__call__  # NOTE: the C-level dereference (WeakIdRef's Python __call__ also revives PyObjects)
+
+
+class _TensorTracker(WeakIdKeyDictionary):
+    """make_fx's tensor tracker (``WeakTensorKeyDictionary``: tensor -> proxy, keyed by ``WeakIdRef``) with
+    its lookups indexed by ``id``.
+
+    A lookup in the stock dictionary builds a ``WeakIdRef`` of the key, hashes it and compares
+    it by dereferencing both references, each step a Python call: ~2 µs, four or five times
+    per recorded op. Here ``__setitem__`` also files the key's reference under ``id(key)``; a
+    lookup finds that reference, checks it still refers to the key, and reads the entry under
+    that very reference (``data`` stays the only store: an entry deleted or replaced any other
+    way is simply not found there, and the lookup falls back to the stock one).
+    """
+
+    def __init__(self, dict: Any = None, ref_type: Any = WeakIdRef) -> None:  # noqa: A002 - the base's names
+        self._refs: dict[int, Any] = {}
+        super().__init__(dict, ref_type)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        ref = self.ref_type(key, self._remove)
+        self.data[ref] = value
+        self._refs[id(key)] = ref
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        ref = self._refs.get(id(key))
+        if ref is not None and _referent(ref) is key:
+            found = self.data.get(ref, _MISSING)
+            if found is not _MISSING:
+                return found
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        ref = self._refs.get(id(key))
+        if ref is not None and _referent(ref) is key and ref in self.data:
+            return True
+        return super().__contains__(key)
 
 
 class _NoSymIntScan:

@@ -128,6 +128,7 @@ def test_lean_recording_is_undone() -> None:
             mode_cls.__dict__["__torch_dispatch__"],
             torch.fx.Graph.eliminate_dead_code,
             dedupe_symint_uses.dedupe_symints,
+            proxy_tensor.WeakTensorKeyDictionary,
         )
 
     before = patched()
@@ -215,3 +216,41 @@ def test_append_node_names_and_files_nodes_as_create_node_does() -> None:
         assert len(g.nodes) == len(candidates) + 2
         made.append([n.name for n in g.nodes])
     assert made[0] == made[1]
+
+
+def test_the_id_indexed_tracker_answers_as_the_stock_one() -> None:
+    """trace._TensorTracker (make_fx's tensor -> proxy map during a real trace) gives the stock
+    WeakIdKeyDictionary's answers: entries set, replaced by other paths, deleted, and dropped when
+    their tensor dies (also when a new tensor takes the dead one's id)."""
+    import gc
+
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    fast, stock = trace._TensorTracker(), WeakIdKeyDictionary()
+    a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+
+    def same(*keys):
+        for key in keys:
+            assert fast.get(key, "none") == stock.get(key, "none")
+            assert (key in fast) == (key in stock)
+        assert len(fast) == len(stock) and sorted(fast.values()) == sorted(stock.values())
+
+    for d in (fast, stock):
+        d[a] = 1
+        d[b] = 2
+    same(a, b, c)
+    for d in (fast, stock):
+        d.update({a: 3})  # replaced without __setitem__
+        d.setdefault(c, 4)
+        del d[b]
+    same(a, b, c)
+    for d in (fast, stock):
+        d[b] = 5
+        d.pop(a)
+    same(a, b, c)
+
+    del b
+    gc.collect()
+    same(a, c)
+    reborn = [torch.zeros(1) for _ in range(64)]  # one may take the dead tensor's id
+    same(a, c, *reborn)
