@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import linecache
 import operator
 import traceback
@@ -371,7 +370,11 @@ def one_meta_mode() -> Iterator[None]:
       ``getitem`` nodes and values make_fx's ``proxy_call`` would give it, without its
       flattening, constant propagation and per-op checks (nor the per-op ``original_aten``
       meta, dropped by ``slim_meta``). Anything else goes to make_fx's own
-      ``__torch_dispatch__``. ``tests/test_recording.py`` compares the two graphs.
+      ``__torch_dispatch__``. ``tests/test_recording.py`` compares the two graphs. Its
+      nodes are made by ``regions.append_node`` (``create_node``'s names and bookkeeping
+      without its per-call name parse), as are the region copies of ``regions.call_twice``.
+    - make_fx's tensor tracker (tensor -> proxy) is a ``_TensorTracker``: the same
+      dictionary with its lookups indexed by ``id``.
     - make_fx's dead-code walk at the end of the trace is skipped: its predicate keeps
       every node but size accessors and SymInt arithmetic, which a real trace has none of;
       so is its merging of repeated SymInt nodes (``dedupe_symints``), for the same reason.
@@ -444,7 +447,7 @@ def one_meta_mode() -> Iterator[None]:
         custom = fx_traceback.get_current_meta().get("custom")
         node = append_node(graph, "call_function", func, node_args, node_kwargs, name)  # type: ignore[arg-type]
         if custom is not None:
-            node.meta["custom"] = copy.copy(custom)
+            node.meta["custom"] = dict(custom)
         out = func(*args, **kwargs)
         kind = type(out)
         if kind is torch.Tensor:
@@ -454,7 +457,7 @@ def one_meta_mode() -> Iterator[None]:
             for i, x in enumerate(out):
                 item = append_node(graph, "call_function", operator.getitem, (node, i), {}, "getitem")
                 if custom is not None:
-                    item.meta["custom"] = copy.copy(custom)
+                    item.meta["custom"] = dict(custom)
                 if x is not None:
                     _lean_track(tracker, x, fx_proxy.Proxy(item, tracer))
         else:

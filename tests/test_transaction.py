@@ -258,6 +258,8 @@ def test_ctrl_c_at_random_times_then_save_load_in_a_new_process_reproduces_the_r
     iters = 600
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    # NOTE: the three runs compare bits: each computes with one thread (another count sums in another order)
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(
         [sys.executable, str(here / "txn_program.py"), "darts", backend, str(iters), str(tmp_path / "ckpt")],
         stdout=subprocess.PIPE,
@@ -273,12 +275,17 @@ def test_ctrl_c_at_random_times_then_save_load_in_a_new_process_reproduces_the_r
     assert len(steps) == TRIALS, f"only {len(steps)} interrupts landed before the run ended; steps {steps}"
     assert steps == sorted(steps) and len(set(steps)) > TRIALS // 2 and steps[-1] + AHEAD < iters, steps
     # the uninterrupted run, saved at every step a resumed run is compared at, and at its end
-    ref = build("darts", backend, train_iters=iters)
-    ref.compile()
-    for target in sorted({s + AHEAD for s in steps} | {iters}):
-        ref.config.train_iters = target - ref.global_step  # each run() trains train_iters more steps
-        ref.run()
-        ref.save(str(tmp_path / f"ref{target}.pt"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = build("darts", backend, train_iters=iters)
+        ref.compile()
+        for target in sorted({s + AHEAD for s in steps} | {iters}):
+            ref.config.train_iters = target - ref.global_step  # each run() trains train_iters more steps
+            ref.run()
+            ref.save(str(tmp_path / f"ref{target}.pt"))
+    finally:
+        torch.set_num_threads(threads)
     final = checkpoint.read(str(tmp_path / "ckptfinal.pt"))
     assert_same(final["problems"], checkpoint.read(str(tmp_path / f"ref{iters}.pt"))["problems"], "the child")
     script = f"""
