@@ -19,6 +19,9 @@ def _key(arg: Any) -> Any:
     if kind in _SCALARS:
         return (kind, arg)  # True and 1 differ
     if isinstance(arg, (list, tuple)):
+        kinds = tuple(map(type, arg))
+        if _FLAT.issuperset(kinds):  # NOTE: most lists are sizes and strides: keyed as in _args_key
+            return (kind, kinds, tuple(arg))
         return (kind, tuple([_key(a) for a in arg]))
     if isinstance(arg, dict):
         return ("dict", tuple(sorted((k, _key(v)) for k, v in arg.items())))

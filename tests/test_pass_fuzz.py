@@ -172,3 +172,26 @@ def test_verify_rejects_in_place_ops_and_mutated_inputs_before_the_mutating_pass
     with pytest.raises(IRVerificationError, match=r"aten.copy_.default\) writes into its input"):
         verify(step_graph(torch.func.functionalize(writes_its_input, remove="mutations"), x))
     verify(step_graph(torch.func.functionalize(writes_a_temporary, remove="mutations"), x))
+
+
+def test_cse_keys_tell_list_arguments_apart_by_type_and_sign():
+    """Equal list arguments merge; [2, 1] and [2, True], [0.0] and [-0.0], ints and floats never do."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    view = torch.ops.aten.view.default
+    add = torch.ops.aten.add.Tensor
+    nodes = [g.call_function(view, (x, shape)) for shape in ([2, 1], [2, 1], [2, True], (2, 1))]
+    fill = torch.ops.aten.full.default
+    nodes += [g.call_function(fill, ([2, 1], value)) for value in (0.0, -0.0, 0.0, 0)]
+    total = nodes[0]
+    for n in nodes[1:]:
+        total = g.call_function(add, (total, n))
+    g.output(total)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    for n in gm.graph.nodes:
+        n.meta.update({"mlo.problem": "p", "mlo.role": "forward"})
+    kept = eliminate_common_subexpressions(gm)
+    views = [n.args[1] for n in kept.graph.nodes if n.target is view]
+    fills = [n.args[1] for n in kept.graph.nodes if n.target is fill]
+    assert views == [[2, 1], [2, True], (2, 1)]
+    assert [(type(v), str(v)) for v in fills] == [(float, "0.0"), (float, "-0.0"), (int, "0")]
