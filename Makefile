@@ -38,7 +38,7 @@ demo: $(VENV)/.ready
 	$(BIN)/mlocompile plot $(OUT)/demo -o $(OUT)/demo/curves.png
 
 test: $(VENV)/.ready
-	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): ~17 min on 2 cores (1,344 tests, 2026-12-03)
+	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): ~15-17 min on 2 cores (1,345 tests, 2026-12-03)
 
 # For daily work: everything but the tests marked slow (inductor compiles; see pyproject's markers).
 test-fast: $(VENV)/.ready
