@@ -20,7 +20,6 @@ second call simply runs (and is traced) again.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -140,12 +139,14 @@ def _copy_region(tracer: Any, region: list[Node], leaves1: list[Any], leaves2: l
             # NOTE: graph.node_copy, by the tracer's fast path (append_node): the same node and name
             args, kwargs = map_arg((n.args, n.kwargs), lambda x: copies.get(x) or remap.get(x, x))
             copied = copies[n] = append_node(graph, n.op, n.target, args, kwargs, n.name, n.type)
-            copied.meta = copy.copy(n.meta)
+            copied.meta.update(n.meta)  # NOTE: node_copy's shallow copy, without re-filing the node (__setattr__)
             if n.op == "get_attr":
                 env[n] = getattr(tracer.root, n.target)  # type: ignore[arg-type]
             else:
                 args, kwargs = map_arg((n.args, n.kwargs), env.__getitem__)
-                env[n] = n.target(*args, **kwargs)  # type: ignore[operator]
+                target = n.target
+                call = target._op if type(target) is torch._ops.OpOverload else target  # its C++ entry point
+                env[n] = call(*args, **kwargs)  # type: ignore[operator]
     level = torch._C._functorch.maybe_current_level()
     assert level is not None  # _real_tracer checked: functionalization is active
     results = []
