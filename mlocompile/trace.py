@@ -249,7 +249,6 @@ def trace_step(
 
     # tracing runs the step for real: it must not consume randomness (nor keep a replay's swapped state)
     rng = _rng_now()
-    cuda_rng = rng[1]
     first: FirstResult | None = None
     try:
         # NOTE: lazy graph modules: every pass edits the graph and would regenerate Python code
@@ -294,8 +293,8 @@ def trace_step(
         raise TraceError(f"{title}: tracing failed: {msg.splitlines()[0] if msg else type(exc).__name__}") from exc
     finally:
         torch.set_rng_state(rng[0])
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
     slim_meta(gm, adopt=True)
     linecache.clearcache()  # filled by the fake tensors' captured stacks; nothing reads it later
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
